@@ -1,0 +1,1 @@
+"""kilnlm.actors: see DESIGN.md."""

@@ -1,0 +1,1 @@
+"""kilnlm.cluster: see DESIGN.md."""
