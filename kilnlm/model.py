@@ -98,14 +98,19 @@ class ModelConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.n_kv_head:
-            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+            raise ValueError(
+                f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})"
+            )
         if self.pos_emb == "rope" and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
         if self.intermediate_size is None:
             hidden = 4 * self.n_embd if self.mlp == "gelu" else int(8 * self.n_embd / 3)
             self.intermediate_size = 64 * math.ceil(hidden / 64)
-        for name, allowed in (("norm", ("rmsnorm", "layernorm")), ("mlp", ("swiglu", "gelu")),
-                              ("pos_emb", ("rope", "sinusoidal"))):
+        for name, allowed in (
+            ("norm", ("rmsnorm", "layernorm")),
+            ("mlp", ("swiglu", "gelu")),
+            ("pos_emb", ("rope", "sinusoidal")),
+        ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.sliding_window is not None and self.sliding_window < 1:
@@ -138,16 +143,31 @@ class ModelConfig:
 
 PRESETS: dict[str, ModelConfig] = {
     # ~1M parameters: unit tests, seconds on a laptop CPU.
-    "test-1m": ModelConfig(vocab_size=2048, block_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=128),
+    "test-1m": ModelConfig(
+        vocab_size=2048, block_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=128
+    ),
     # ~3M: the local main job (minutes on 2 CPU cores).
-    "tiny-3m": ModelConfig(vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_kv_head=2, n_embd=192),
+    "tiny-3m": ModelConfig(
+        vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_kv_head=2, n_embd=192
+    ),
     # ~10M: hot-swap and serving benchmarks.
-    "small-10m": ModelConfig(vocab_size=8192, block_size=512, n_layer=6, n_head=6, n_kv_head=2, n_embd=288),
+    "small-10m": ModelConfig(
+        vocab_size=8192, block_size=512, n_layer=6, n_head=6, n_kv_head=2, n_embd=288
+    ),
     # ~100M (GPT-2 small shape, Llama recipe).
-    "base-100m": ModelConfig(vocab_size=32000, block_size=1024, n_layer=12, n_head=12, n_kv_head=4, n_embd=768),
+    "base-100m": ModelConfig(
+        vocab_size=32000, block_size=1024, n_layer=12, n_head=12, n_kv_head=4, n_embd=768
+    ),
     # ~1.1B (TinyLlama shape): GPU only.
-    "llama-1b": ModelConfig(vocab_size=32000, block_size=2048, n_layer=22, n_head=32, n_kv_head=4,
-                            n_embd=2048, intermediate_size=5632),
+    "llama-1b": ModelConfig(
+        vocab_size=32000,
+        block_size=2048,
+        n_layer=22,
+        n_head=32,
+        n_kv_head=4,
+        n_embd=2048,
+        intermediate_size=5632,
+    ),
 }
 
 
@@ -173,8 +193,11 @@ def yarn_inv_freq(inv_freq: Tensor, dim: int, base: float, s: RopeScaling) -> tu
     assert s.original_max_position_embeddings is not None
 
     def correction_dim(n_rotations: float) -> float:
-        return dim * math.log(s.original_max_position_embeddings / (n_rotations * 2 * math.pi)) / (
-            2 * math.log(base))
+        return (
+            dim
+            * math.log(s.original_max_position_embeddings / (n_rotations * 2 * math.pi))
+            / (2 * math.log(base))
+        )
 
     low = max(math.floor(correction_dim(s.beta_fast)), 0)
     high = min(math.ceil(correction_dim(s.beta_slow)), dim - 1)
@@ -198,7 +221,9 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         freqs = positions[..., None].float() * self.inv_freq  # (B, T, hs/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hs)
-        return (emb.cos() * self.attention_scale).to(dtype), (emb.sin() * self.attention_scale).to(dtype)
+        return (emb.cos() * self.attention_scale).to(dtype), (emb.sin() * self.attention_scale).to(
+            dtype
+        )
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -229,7 +254,9 @@ def sinusoidal_table(n_positions: int, dim: int) -> Tensor:
 class Cache(Protocol):
     """What attention needs from a KV cache (contiguous or paged)."""
 
-    def update(self, layer: int, k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def update(
+        self, layer: int, k: Tensor, v: Tensor, positions: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Store k, v (B, n_kv, T, hs) at ``positions`` (B, T); return the keys and values to attend
         to, (B, n_kv, S, hs) each, and the absolute position of every key (B, S), -1 where empty."""
         ...
@@ -279,13 +306,18 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.n_embd, nkv * hs, bias=cfg.bias)
         self.o_proj = nn.Linear(nh * hs, cfg.n_embd, bias=cfg.bias)
 
-    def forward(self, x: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor] | None,
-                cache: Cache | None) -> Tensor:
+    def forward(
+        self, x: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor] | None, cache: Cache | None
+    ) -> Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.v_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        k = (
+            self.k_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        )  # (B, nkv, T, hs)
+        v = (
+            self.v_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        )  # (B, nkv, T, hs)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
@@ -296,8 +328,14 @@ class Attention(nn.Module):
         # a cache or a window needs an explicit mask built from absolute positions.
         plain = cache is None and cfg.sliding_window is None
         mask = None if plain else attention_mask(positions, k_pos, cfg.causal, cfg.sliding_window)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=plain and cfg.causal,
-                                           enable_gqa=cfg.n_kv_head != cfg.n_head)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=plain and cfg.causal,
+            enable_gqa=cfg.n_kv_head != cfg.n_head,
+        )  # (B, nh, T, hs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))
 
 
@@ -328,8 +366,9 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor] | None,
-                cache: Cache | None) -> Tensor:
+    def forward(
+        self, x: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor] | None, cache: Cache | None
+    ) -> Tensor:
         x = x + self.attn(self.attn_norm(x), positions, rope, cache)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -350,7 +389,9 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.rope = RotaryEmbedding(cfg) if cfg.pos_emb == "rope" else None
         if cfg.pos_emb == "sinusoidal":
-            self.register_buffer("pos_table", sinusoidal_table(cfg.block_size, cfg.n_embd), persistent=False)
+            self.register_buffer(
+                "pos_table", sinusoidal_table(cfg.block_size, cfg.n_embd), persistent=False
+            )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -364,8 +405,13 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
 
-    def forward(self, idx: Tensor, positions: Tensor | None = None, cache: Cache | None = None,
-                last_only: bool = False) -> Tensor:
+    def forward(
+        self,
+        idx: Tensor,
+        positions: Tensor | None = None,
+        cache: Cache | None = None,
+        last_only: bool = False,
+    ) -> Tensor:
         """Logits (B, T, V) for token ids idx (B, T) at absolute ``positions`` (default 0..T-1).
 
         With ``cache``, keys/values of earlier positions come from the cache (prefill or decode).
@@ -374,7 +420,9 @@ class Transformer(nn.Module):
         B, T = idx.shape
         if positions is None:
             if T > self.config.block_size:
-                raise ValueError(f"sequence of {T} tokens is longer than the context ({self.config.block_size})")
+                raise ValueError(
+                    f"sequence of {T} tokens is longer than the context ({self.config.block_size})"
+                )
             positions = torch.arange(T, device=idx.device).expand(B, T)
         x = self.embed_tokens(idx)  # (B, T, C)
         if self.config.pos_emb == "sinusoidal":
@@ -411,11 +459,13 @@ class Transformer(nn.Module):
 
 def num_params(cfg: ModelConfig, non_embedding: bool = False) -> int:
     """Parameter count from the config alone (no allocation), equal to Transformer(cfg).num_params()."""
-    C, L, V, I = cfg.n_embd, cfg.n_layer, cfg.vocab_size, cfg.intermediate_size
-    assert I is not None and cfg.n_kv_head is not None
+    C, L, V, H = cfg.n_embd, cfg.n_layer, cfg.vocab_size, cfg.intermediate_size
+    assert H is not None and cfg.n_kv_head is not None
     kv = cfg.n_kv_head * cfg.head_dim
     attn = C * C * 2 + 2 * C * kv + (2 * C + 2 * kv if cfg.bias else 0)
-    mlp = (3 if cfg.mlp == "swiglu" else 2) * C * I + ((2 if cfg.mlp == "swiglu" else 1) * I + C if cfg.bias else 0)
+    mlp = (3 if cfg.mlp == "swiglu" else 2) * C * H + (
+        (2 if cfg.mlp == "swiglu" else 1) * H + C if cfg.bias else 0
+    )
     norm = C * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
     total = L * (attn + mlp + 2 * norm) + norm + V * C * (1 if cfg.tie_embeddings else 2)
     return total - V * C if non_embedding else total
@@ -436,18 +486,28 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
 class KVCache(nn.Module):
     """Preallocated keys/values for a batch of B sequences of up to max_len positions each."""
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
         super().__init__()
         assert cfg.n_kv_head is not None
         shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("pos", torch.full((batch_size, max_len), -1, device=device), persistent=False)
+        self.register_buffer(
+            "pos", torch.full((batch_size, max_len), -1, device=device), persistent=False
+        )
         self.max_len = max_len
         self.length = 0  # high-water mark: attention reads only [0, length)
 
-    def update(self, layer: int, k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def update(
+        self, layer: int, k: Tensor, v: Tensor, positions: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         if layer == 0:  # positions are the same for every layer: record them once per forward
             top = int(positions.max()) + 1
             if top > self.max_len:
@@ -467,7 +527,13 @@ class KVCache(nn.Module):
 def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> int:
     """2 · n_layers · n_kv_heads · d_head · bytes_per_element (DESIGN.md)."""
     assert cfg.n_kv_head is not None
-    return 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * torch.tensor([], dtype=dtype).element_size()
+    return (
+        2
+        * cfg.n_layer
+        * cfg.n_kv_head
+        * cfg.head_dim
+        * torch.tensor([], dtype=dtype).element_size()
+    )
 
 
 __all__ = [
