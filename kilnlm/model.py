@@ -378,7 +378,8 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, init_weights: bool = True):
+        """``init_weights=False`` skips the random init when weights are loaded next (most of load time)."""
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
@@ -392,7 +393,8 @@ class Transformer(nn.Module):
             self.register_buffer(
                 "pos_table", sinusoidal_table(cfg.block_size, cfg.n_embd), persistent=False
             )
-        self.reset_parameters()
+        if init_weights:
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """GPT-2 init: N(0, init_std), residual output projections scaled by 1/sqrt(2·n_layer)."""
