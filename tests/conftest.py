@@ -38,3 +38,13 @@ def ray_cluster(tmp_path_factory):
     except Exception:  # Serve may never have started
         pass
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    """One small stdlib corpus (300 KB, vocab 512) built once and shared by every test that reads shards."""
+    from kilnlm.data import CorpusConfig, build_corpus
+
+    root = tmp_path_factory.mktemp("corpus")
+    build_corpus(CorpusConfig(max_bytes=300_000, heldout_fraction=0.1), root, 512, progress=False)
+    return root

@@ -1,0 +1,92 @@
+"""The chat template: a conversation is one document of role markers, content and ``<|eos|>``.
+
+The format, exactly (no newlines or spaces are added around markers)::
+
+    <|bos|><|system|>{system}<|eos|><|user|>{user}<|eos|><|assistant|>{reply}<|eos|>...
+
+``add_generation_prompt=True`` appends ``<|assistant|>``: the model writes the reply and stops by
+emitting ``<|eos|>`` (the engine's stop token). Every turn ends with ``<|eos|>``, so the token that
+ends a reply at inference is the one the model was trained to produce after each assistant turn.
+
+Markers are special ids only when the template puts them there: message content is encoded as
+plain text, so a user who types ``<|assistant|>`` cannot forge a turn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TypedDict
+
+from kilnlm.tokenizer import Tokenizer
+
+ROLE_TOKENS: dict[str, str] = {
+    "system": "<|system|>",
+    "user": "<|user|>",
+    "assistant": "<|assistant|>",
+}
+BOS, EOS = "<|bos|>", "<|eos|>"
+
+
+class Message(TypedDict):
+    role: str
+    content: str
+
+
+def validate_messages(messages: Sequence[Mapping[str, str]]) -> None:
+    """Raise ValueError naming the first bad message (index, and the role or field at fault)."""
+    if not messages:
+        raise ValueError("messages is empty; pass at least one {'role': ..., 'content': ...}")
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, Mapping) or "role" not in msg or "content" not in msg:
+            raise ValueError(
+                f"message {i} must be a mapping with 'role' and 'content', got {msg!r}"
+            )
+        if msg["role"] not in ROLE_TOKENS:
+            raise ValueError(
+                f"message {i} has role {msg['role']!r}; use one of {', '.join(ROLE_TOKENS)}"
+            )
+        if not isinstance(msg["content"], str):
+            raise ValueError(
+                f"message {i} ({msg['role']}) content must be a str, got {type(msg['content']).__name__}"
+            )
+
+
+def render_chat(messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
+    """The conversation as text, markers written out (for display and logs; encode with ``encode_chat``)."""
+    validate_messages(messages)
+    turns = "".join(f"{ROLE_TOKENS[m['role']]}{m['content']}{EOS}" for m in messages)
+    return BOS + turns + (ROLE_TOKENS["assistant"] if add_generation_prompt else "")
+
+
+def encode_chat(
+    tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
+) -> list[int]:
+    """The conversation as ids: markers are special ids, content is plain text (never parsed)."""
+    validate_messages(messages)
+    ids = [tokenizer.bos_id]
+    for m in messages:
+        ids.append(tokenizer.special_id(ROLE_TOKENS[m["role"]]))
+        ids.extend(tokenizer.encode(m["content"]))
+        ids.append(tokenizer.eos_id)
+    if add_generation_prompt:
+        ids.append(tokenizer.special_id(ROLE_TOKENS["assistant"]))
+    return ids
+
+
+def loss_mask(tokenizer: Tokenizer, ids: Sequence[int]) -> list[int]:
+    """1 on the tokens an assistant turn produced (its content and closing ``<|eos|>``), else 0.
+
+    Aligned with ``ids``: for next-token training the mask of target ``ids[t+1]`` is
+    ``mask[t+1]``. The ``<|assistant|>`` marker itself is 0 (it is given, not generated).
+    Unambiguous because content can never encode to a special id.
+    """
+    markers = {tokenizer.special_id(t): role for role, t in ROLE_TOKENS.items()}
+    mask, inside = [], False
+    for token in ids:
+        if token in markers:  # a marker opens a turn; only an assistant turn is trained on
+            mask.append(0)
+            inside = markers[token] == "assistant"
+        else:
+            mask.append(int(inside))
+            inside = inside and token != tokenizer.eos_id
+    return mask

@@ -1,0 +1,832 @@
+"""The corpus pipeline: read text, filter it, deduplicate it, split it, tokenize it, pack it.
+
+``build_corpus`` runs every stage and writes one directory::
+
+    out_dir/
+      tokenizer.json            byte-level BPE trained on the train split only
+      train_00000.bin ...       token ids, raw little-endian uint16 (uint32 above 65536 ids)
+      heldout_00000.bin ...
+      manifest.json             written last and atomically: its presence means "complete"
+
+Each split is one stream of token ids in which every document is followed by ``<|eos|>``, cut
+into shards of at most ``shard_tokens`` ids so a reader memory-maps only what it touches.
+``TokenShards`` reads any slice of a split; ``get_batch`` turns a split into reproducible
+training batches for any (step, rank).
+
+The default corpus is the Python standard library's own sources (docstrings included), found
+through ``sysconfig``: every machine with Python has it, so the main job needs no download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import sysconfig
+import time
+import unicodedata
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tokenizers
+import torch
+from tqdm.auto import tqdm
+
+from kilnlm.tokenizer import Tokenizer
+
+TEXT_SUFFIXES = (".txt", ".md", ".py")
+JSONL_SUFFIXES = (".jsonl",)
+MANIFEST_NAME = "manifest.json"
+TOKENIZER_NAME = "tokenizer.json"
+SPLITS = ("train", "heldout")
+FORMAT_VERSION = 1
+
+# Folders of the standard library that are not its own text: installed packages, bytecode.
+_STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
+# Test suites are left out of the default corpus unless asked for: they are 60% of the stdlib's
+# .py bytes and full of deliberately malformed, repetitive or machine-generated fixtures.
+_STDLIB_TEST_DIRS = frozenset({"test", "tests", "idle_test"})
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class CorpusConfig:
+    """What goes into the corpus and how it is cleaned. Every field is part of the reuse key."""
+
+    sources: list[str] = field(default_factory=list)
+    """Files or folders of .txt/.md/.py/.jsonl; empty means the default corpus (the stdlib)."""
+    include_stdlib_tests: bool = False
+    """Default corpus only: also read the stdlib's test suites (off: see _STDLIB_TEST_DIRS)."""
+    min_chars: int = 200
+    """Documents shorter than this are dropped (empty ``__init__.py`` files, stubs)."""
+    max_chars: int = 1_000_000
+    """Documents longer than this are dropped (generated tables, dumps)."""
+    max_non_text_ratio: float = 0.01
+    """Drop a document when more than this share of its characters are controls, U+FFFD, private-use
+    or unassigned code points (binary files, wrongly decoded text)."""
+    max_repeated_line_ratio: float = 0.5
+    """Drop a document when more than this share of its non-blank lines repeat an earlier line."""
+    num_perm: int = 128
+    """MinHash permutations (signature length) for near-duplicate detection."""
+    shingle_size: int = 5
+    """Words per shingle for MinHash."""
+    near_dup_threshold: float = 0.8
+    """Estimated Jaccard similarity of shingle sets at or above which a later document is dropped."""
+    minhash_seed: int = 0
+    heldout_fraction: float = 0.05
+    """Share of documents (chosen by hash of their text) kept out of training for evaluation."""
+    max_documents: int | None = None
+    """Read at most this many documents (before filtering); None = no cap."""
+    max_bytes: int | None = None
+    """Read documents while their UTF-8 bytes fit in this budget (before filtering); None = no cap."""
+    shard_tokens: int = 1 << 24
+    """Token ids per shard file (16M ids = 32 MiB in uint16)."""
+    tokenizer_max_bytes: int | None = 100_000_000
+    """Train the tokenizer on at most this many bytes of the train split (BPE training is memory-hungry)."""
+
+    def __post_init__(self) -> None:
+        self.sources = [str(s) for s in self.sources]
+        _check(self.min_chars >= 0, "min_chars", "must be >= 0", self.min_chars)
+        _check(self.max_chars > self.min_chars, "max_chars", "must be > min_chars", self.max_chars)
+        for name in ("max_non_text_ratio", "max_repeated_line_ratio"):
+            _check(
+                0.0 <= getattr(self, name) <= 1.0, name, "must be in [0, 1]", getattr(self, name)
+            )
+        _check(self.num_perm >= 8, "num_perm", "must be >= 8", self.num_perm)
+        _check(self.shingle_size >= 1, "shingle_size", "must be >= 1", self.shingle_size)
+        t = self.near_dup_threshold
+        _check(0.0 < t <= 1.0, "near_dup_threshold", "must be in (0, 1]", t)
+        f = self.heldout_fraction
+        _check(0.0 <= f < 1.0, "heldout_fraction", "must be in [0, 1)", f)
+        for name in ("max_documents", "max_bytes", "tokenizer_max_bytes"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, name, "must be > 0 or None (no cap)", value)
+        _check(self.shard_tokens > 0, "shard_tokens", "must be > 0", self.shard_tokens)
+
+
+def _check(ok: bool, name: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"CorpusConfig.{name} {rule}, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass(frozen=True)
+class Document:
+    """One unit of text: filtered, deduplicated and split as a whole."""
+
+    text: str
+    source: str
+    """Where it came from: a path, ``path:line`` for JSONL, ``stdlib:<relative path>``."""
+
+
+def iter_documents(paths: Iterable[str | Path]) -> Iterator[Document]:
+    """Documents from files and folders (searched recursively, in sorted order).
+
+    .txt/.md/.py files are one document each (bytes that are not UTF-8 become U+FFFD, which the
+    non-text filter then counts); each line of a .jsonl file is ``{"text": ...}``.
+    """
+    for path in _list_files(paths):
+        if path.suffix in JSONL_SUFFIXES:
+            yield from _read_jsonl(path)
+        else:
+            yield Document(path.read_text(encoding="utf-8", errors="replace"), str(path))
+
+
+def _list_files(paths: Iterable[str | Path]) -> Iterator[Path]:
+    suffixes = TEXT_SUFFIXES + JSONL_SUFFIXES
+    for raw in paths:
+        path = Path(raw)
+        if path.is_file():
+            yield path
+        elif path.is_dir():
+            found = (p for p in path.rglob("*") if p.suffix in suffixes and p.is_file())
+            yield from sorted(found)
+        else:
+            raise FileNotFoundError(
+                f"corpus source {path} does not exist; fix CorpusConfig.sources"
+            )
+
+
+def _read_jsonl(path: Path) -> Iterator[Document]:
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(
+                    f"{path}:{lineno} is not valid JSON ({e.msg}); fix or remove it"
+                ) from e
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(
+                    f'{path}:{lineno} must be a JSON object with a string "text" field'
+                )
+            yield Document(record["text"], f"{path}:{lineno}")
+
+
+def stdlib_root() -> Path:
+    """The standard library folder of the running Python (``sysconfig``'s "stdlib" path)."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _stdlib_files(include_tests: bool) -> list[Path]:
+    """The stdlib's text files in a fixed pseudo-random order (hash of the relative path).
+
+    Sorted by name, a capped corpus would be all ``asyncio`` and ``collections``; hashing the path
+    mixes modules while staying identical from run to run and machine to machine.
+    """
+    root = stdlib_root()
+    skip = _STDLIB_SKIP_DIRS if include_tests else _STDLIB_SKIP_DIRS | _STDLIB_TEST_DIRS
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in skip]
+        files += [Path(dirpath, f) for f in filenames if f.endswith(TEXT_SUFFIXES)]
+    return sorted(files, key=lambda p: _hash64(p.relative_to(root).as_posix()))
+
+
+def default_corpus(
+    max_documents: int | None = None, max_bytes: int | None = None, include_tests: bool = False
+) -> Iterator[Document]:
+    """The Python standard library's sources as documents, with optional caps (see ``take``)."""
+    root = stdlib_root()
+
+    def docs() -> Iterator[Document]:
+        for path in _stdlib_files(include_tests):
+            text = path.read_text(encoding="utf-8", errors="replace")
+            yield Document(text, f"stdlib:{path.relative_to(root).as_posix()}")
+
+    return take(docs(), max_documents, max_bytes)
+
+
+def take(
+    docs: Iterable[Document], max_documents: int | None = None, max_bytes: int | None = None
+) -> Iterator[Document]:
+    """At most ``max_documents`` documents whose UTF-8 sizes add up to at most ``max_bytes``.
+
+    A document that would overflow the byte budget is skipped (a later, smaller one may still
+    fit), so one huge file early in the order cannot starve the corpus; reading stops once 99% of
+    the budget is used.
+    """
+    n_docs = n_bytes = 0
+    for doc in docs:
+        if max_documents is not None and n_docs >= max_documents:
+            return
+        size = len(doc.text.encode("utf-8"))
+        if max_bytes is not None and n_bytes + size > max_bytes:
+            if n_bytes >= 0.99 * max_bytes:
+                return
+            continue
+        n_docs, n_bytes = n_docs + 1, n_bytes + size
+        yield doc
+
+
+def read_corpus(cfg: CorpusConfig) -> Iterator[Document]:
+    """The documents ``cfg`` names, caps applied (the default corpus when ``sources`` is empty)."""
+    if not cfg.sources:
+        return default_corpus(cfg.max_documents, cfg.max_bytes, cfg.include_stdlib_tests)
+    return take(iter_documents(cfg.sources), cfg.max_documents, cfg.max_bytes)
+
+
+# --------------------------------------------------------------------------------------------
+# Quality filters
+
+
+def non_text_ratio(text: str) -> float:
+    """Share of characters that are neither printable nor whitespace, or are U+FFFD.
+
+    Only characters outside printable ASCII are looked up, so code and English cost almost nothing.
+    """
+    if not text:
+        return 0.0
+    odd = re.findall(r"[^\t\n\r\x20-\x7e]", text)
+    bad = sum(1 for c in odd if c == "\ufffd" or not (c.isprintable() or c.isspace()))
+    return bad / len(text)
+
+
+def repeated_line_ratio(text: str) -> float:
+    """Share of non-blank lines (trailing spaces ignored) that repeat an earlier line."""
+    lines = [line.rstrip() for line in text.splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        return 0.0
+    return 1.0 - len(set(lines)) / len(lines)
+
+
+def normalize_for_dedup(text: str) -> str:
+    """Compatibility-normalised, case-folded, whitespace-collapsed text: the exact-dedup key."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def quality_reason(text: str, cfg: CorpusConfig) -> str | None:
+    """The name of the first quality filter ``text`` fails (a FilterStats field), or None."""
+    if len(text) < cfg.min_chars:
+        return "too_short"
+    if len(text) > cfg.max_chars:
+        return "too_long"
+    if non_text_ratio(text) > cfg.max_non_text_ratio:
+        return "non_text"
+    if repeated_line_ratio(text) > cfg.max_repeated_line_ratio:
+        return "repeated_lines"
+    return None
+
+
+@dataclass
+class FilterStats:
+    """How many documents each stage dropped; a document counts only at the first stage that drops it."""
+
+    n_input: int = 0
+    bytes_input: int = 0
+    too_short: int = 0
+    too_long: int = 0
+    non_text: int = 0
+    repeated_lines: int = 0
+    exact_duplicates: int = 0
+    near_duplicates: int = 0
+    n_kept: int = 0
+    bytes_kept: int = 0
+
+    def summary(self) -> str:
+        """``name=value`` pairs on one line, for logs and error messages."""
+        return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
+
+
+# --------------------------------------------------------------------------------------------
+# Near-duplicate detection: MinHash signatures + LSH banding
+
+
+class MinHasher:
+    """MinHash signatures of word-shingle sets.
+
+    Words are hashed with CRC-32 (stable across processes, unlike ``hash``); a shingle of k words
+    is a random linear combination of their hashes; each of ``num_perm`` hash functions is
+    multiply-add-shift ``(a·x + b) >> 32`` over 64-bit words, a universal family for 32-bit keys.
+    """
+
+    _CHUNK = 4096  # shingles per block: bounds memory at CHUNK x num_perm x 8 bytes
+
+    def __init__(self, num_perm: int, shingle_size: int, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        high = np.iinfo(np.uint64).max
+        self.shingle_size = shingle_size
+        self._mix = rng.integers(1, high, size=shingle_size, dtype=np.uint64, endpoint=True) | 1
+        self._a = rng.integers(1, high, size=num_perm, dtype=np.uint64, endpoint=True) | 1
+        self._b = rng.integers(0, high, size=num_perm, dtype=np.uint64, endpoint=True)
+
+    def shingles(self, text: str) -> np.ndarray:
+        """Unique 32-bit hashes of the text's k-word shingles (the whole text if shorter), (S,)."""
+        words = re.findall(r"\w+", text.casefold())
+        if not words:
+            return np.zeros(0, dtype=np.uint64)
+        table = {w: zlib.crc32(w.encode("utf-8")) for w in set(words)}
+        ids = np.fromiter((table[w] for w in words), dtype=np.uint64, count=len(words))
+        k = min(self.shingle_size, len(ids))
+        n = len(ids) - k + 1
+        acc = np.zeros(n, dtype=np.uint64)
+        for j in range(k):  # (S,): sum_j mix_j * word_{i+j}, wrapping mod 2^64
+            acc += ids[j : j + n] * self._mix[j]
+        return np.unique(acc >> np.uint64(32))
+
+    def signature(self, text: str) -> np.ndarray | None:
+        """(num_perm,) uint32 minimum of each hash function over the shingles; None if no words."""
+        sh = self.shingles(text)
+        if sh.size == 0:
+            return None
+        sig = np.full(self._a.shape, np.iinfo(np.uint64).max, dtype=np.uint64)
+        for i in range(0, sh.size, self._CHUNK):
+            block = sh[i : i + self._CHUNK, None] * self._a + self._b  # (C, P) wrapping
+            np.minimum(sig, (block >> np.uint64(32)).min(axis=0), out=sig)
+        return sig.astype(np.uint32)
+
+
+def lsh_bands(num_perm: int, threshold: float, min_recall: float = 0.95) -> tuple[int, int]:
+    """(bands, rows): the most rows per band such that a pair at ``threshold`` still collides in
+    some band with probability >= ``min_recall``.
+
+    More rows means fewer false candidates to verify; the recall floor keeps pairs just above the
+    threshold from slipping through. Candidates are then verified on the full signature.
+    """
+    best = (num_perm, 1)
+    for rows in range(1, num_perm + 1):
+        bands = num_perm // rows
+        if 1.0 - (1.0 - threshold**rows) ** bands >= min_recall:
+            best = (bands, rows)
+    return best
+
+
+def near_duplicate_mask(
+    texts: Sequence[str], cfg: CorpusConfig, progress: bool = False
+) -> list[bool]:
+    """True for each text whose estimated Jaccard with an EARLIER kept text is >= the threshold.
+
+    Greedy keep-first: each text is compared only with kept texts that share an LSH band bucket,
+    so the cost grows with the number of candidates, not with n².
+    """
+    hasher = MinHasher(cfg.num_perm, cfg.shingle_size, cfg.minhash_seed)
+    bands, rows = lsh_bands(cfg.num_perm, cfg.near_dup_threshold)
+    buckets: list[dict[bytes, list[int]]] = [{} for _ in range(bands)]
+    kept_sigs: list[np.ndarray] = []
+    is_dup = []
+    for text in tqdm(texts, desc="near-dedup", unit="doc", disable=not progress):
+        sig = hasher.signature(text)
+        if sig is None:
+            is_dup.append(False)
+            continue
+        keys = [sig[b * rows : (b + 1) * rows].tobytes() for b in range(bands)]
+        candidates = {j for b, key in enumerate(keys) for j in buckets[b].get(key, ())}
+        if candidates:
+            cand = np.stack([kept_sigs[j] for j in sorted(candidates)])  # (C, P)
+            if (cand == sig).mean(axis=1).max() >= cfg.near_dup_threshold:
+                is_dup.append(True)
+                continue
+        for b, key in enumerate(keys):
+            buckets[b].setdefault(key, []).append(len(kept_sigs))
+        kept_sigs.append(sig)
+        is_dup.append(False)
+    return is_dup
+
+
+def clean(
+    docs: Iterable[Document], cfg: CorpusConfig, progress: bool = False
+) -> tuple[list[Document], FilterStats]:
+    """Quality filters, then exact dedup (normalised text), then MinHash near dedup; keep-first."""
+    stats = FilterStats()
+    survivors: list[Document] = []
+    seen: set[bytes] = set()
+    for doc in docs:
+        stats.n_input += 1
+        stats.bytes_input += len(doc.text.encode("utf-8"))
+        reason = quality_reason(doc.text, cfg)
+        if reason is not None:
+            setattr(stats, reason, getattr(stats, reason) + 1)
+            continue
+        key = hashlib.blake2b(
+            normalize_for_dedup(doc.text).encode("utf-8"), digest_size=16
+        ).digest()
+        if key in seen:
+            stats.exact_duplicates += 1
+            continue
+        seen.add(key)
+        survivors.append(doc)
+    dup = near_duplicate_mask([d.text for d in survivors], cfg, progress)
+    kept = [d for d, is_dup in zip(survivors, dup, strict=True) if not is_dup]
+    stats.near_duplicates = len(survivors) - len(kept)
+    stats.n_kept = len(kept)
+    stats.bytes_kept = sum(len(d.text.encode("utf-8")) for d in kept)
+    return kept, stats
+
+
+# --------------------------------------------------------------------------------------------
+# Held-out split
+
+
+def _hash64(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
+
+
+def heldout_score(text: str) -> float:
+    """A stable number in [0, 1) from the document's text: below the fraction means held-out."""
+    return _hash64(text) / 2**64
+
+
+def split_heldout(
+    docs: Sequence[Document], fraction: float
+) -> tuple[list[Document], list[Document]]:
+    """(train, heldout): a document is held out when ``heldout_score(text) < fraction``.
+
+    Decided per document, so the split does not depend on order or on which other documents are
+    present. When ``fraction > 0`` and no document scores under it (tiny corpora), the one with
+    the lowest score is held out so evaluation always has data.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"heldout fraction must be in [0, 1), got {fraction}")
+    scores = [heldout_score(d.text) for d in docs]
+    held = [s < fraction for s in scores]
+    if fraction > 0 and len(docs) >= 2 and not any(held):
+        held[int(np.argmin(scores))] = True
+    train = [d for d, h in zip(docs, held, strict=True) if not h]
+    heldout = [d for d, h in zip(docs, held, strict=True) if h]
+    return train, heldout
+
+
+# --------------------------------------------------------------------------------------------
+# Manifest
+
+
+@dataclass
+class ShardInfo:
+    """One file of a split."""
+
+    file: str
+    """File name relative to the corpus directory."""
+    n_tokens: int
+
+
+@dataclass
+class SplitInfo:
+    """One split (train or heldout): its size and its shard files, in stream order."""
+
+    n_documents: int
+    n_tokens: int
+    """Token ids in the stream, one ``<|eos|>`` per document included."""
+    n_bytes: int
+    """UTF-8 bytes of the documents' text (separators excluded): the denominator of bits per byte."""
+    shards: list[ShardInfo]
+
+
+@dataclass
+class CorpusManifest:
+    """Everything a reader needs to know about a built corpus; stored as ``manifest.json``."""
+
+    vocab_size: int
+    dtype: str
+    eos_id: int
+    tokenizer_file: str
+    splits: dict[str, SplitInfo]
+    stats: FilterStats
+    config: dict[str, Any]
+    fingerprint: str
+    """Hash of the config, vocab size, source files and tool versions: equal means reusable."""
+    build_seconds: float
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    """Wall time of each stage (read, clean, tokenizer, encode), to see where a build goes."""
+    format_version: int = FORMAT_VERSION
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write ``manifest.json`` atomically (temp file + rename): readers never see half of it."""
+        path = Path(out_dir) / MANIFEST_NAME
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(asdict(self), indent=2), encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> CorpusManifest:
+        path = Path(out_dir) / MANIFEST_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no {MANIFEST_NAME} in {out_dir}; build it with build_corpus")
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        splits = {
+            name: SplitInfo(**{**s, "shards": [ShardInfo(**x) for x in s["shards"]]})
+            for name, s in raw.pop("splits").items()
+        }
+        return cls(splits=splits, stats=FilterStats(**raw.pop("stats")), **raw)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 while every id fits in 16 bits (half the disk and page cache), else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def corpus_fingerprint(cfg: CorpusConfig, vocab_size: int) -> str:
+    """Hash of what determines the built corpus: config, vocab size, every source file's
+    (path, size, mtime) and the versions of the tools that shape the output."""
+    if cfg.sources:
+        files = list(_list_files(cfg.sources))
+    else:
+        files = _stdlib_files(cfg.include_stdlib_tests)
+    listing = [(str(p), (st := p.stat()).st_size, st.st_mtime_ns) for p in files]
+    key = {
+        "format_version": FORMAT_VERSION,
+        "config": asdict(cfg),
+        "vocab_size": vocab_size,
+        "files": listing,
+        "python": sys.version,
+        "tokenizers": tokenizers.__version__,
+    }
+    return hashlib.blake2b(json.dumps(key).encode("utf-8"), digest_size=16).hexdigest()
+
+
+def _reusable(out_dir: Path, fingerprint: str) -> CorpusManifest | None:
+    """The manifest in ``out_dir`` if it is for this fingerprint and all its files are intact."""
+    try:
+        manifest = CorpusManifest.load(out_dir)
+    except (FileNotFoundError, ValueError, TypeError, KeyError):
+        return None
+    if manifest.fingerprint != fingerprint or not (out_dir / manifest.tokenizer_file).is_file():
+        return None
+    itemsize = np.dtype(manifest.dtype).itemsize
+    for split in manifest.splits.values():
+        for shard in split.shards:
+            path = out_dir / shard.file
+            if not path.is_file() or path.stat().st_size != shard.n_tokens * itemsize:
+                return None
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------
+# Packing
+
+
+class _ShardWriter:
+    """Appends token ids to ``<split>_NNNNN.bin`` files of at most ``shard_tokens`` ids each."""
+
+    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
+        self.out_dir, self.split, self.dtype, self.shard_tokens = (
+            out_dir,
+            split,
+            dtype,
+            shard_tokens,
+        )
+        self.shards: list[ShardInfo] = []
+        self._file: Any = None
+
+    def write(self, ids: np.ndarray) -> None:
+        while ids.size:
+            if self._file is None or self.shards[-1].n_tokens == self.shard_tokens:
+                self._open_next()
+            room = self.shard_tokens - self.shards[-1].n_tokens
+            chunk, ids = ids[:room], ids[room:]
+            chunk.astype(self.dtype.newbyteorder("<")).tofile(self._file)
+            self.shards[-1].n_tokens += chunk.size
+
+    def _open_next(self) -> None:
+        self.close()
+        name = f"{self.split}_{len(self.shards):05d}.bin"
+        self._file = (self.out_dir / name).open("wb")
+        self.shards.append(ShardInfo(name, 0))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def pack_split(
+    docs: Sequence[Document],
+    tok: Tokenizer,
+    out_dir: Path,
+    split: str,
+    shard_tokens: int,
+    progress: bool = False,
+    batch_docs: int = 256,
+) -> SplitInfo:
+    """Encode ``docs`` and write them as one stream ``doc0 <eos> doc1 <eos> ...`` in shards."""
+    writer = _ShardWriter(out_dir, split, token_dtype(tok.vocab_size), shard_tokens)
+    eos = np.array([tok.eos_id], dtype=np.int64)
+    bar = tqdm(total=len(docs), desc=f"encode {split}", unit="doc", disable=not progress)
+    try:
+        for i in range(0, len(docs), batch_docs):
+            batch = docs[i : i + batch_docs]
+            encoded = tok.encode_batch([d.text for d in batch])
+            writer.write(np.concatenate([x for ids in encoded for x in (np.asarray(ids), eos)]))
+            bar.update(len(batch))
+    finally:
+        writer.close()
+        bar.close()
+    return SplitInfo(
+        n_documents=len(docs),
+        n_tokens=sum(s.n_tokens for s in writer.shards),
+        n_bytes=sum(len(d.text.encode("utf-8")) for d in docs),
+        shards=writer.shards,
+    )
+
+
+def _tokenizer_texts(docs: Sequence[Document], max_bytes: int | None) -> Iterator[str]:
+    budget = max_bytes if max_bytes is not None else float("inf")
+    for doc in docs:
+        if budget <= 0:
+            return
+        budget -= len(doc.text.encode("utf-8"))
+        yield doc.text
+
+
+def _remove_outputs(out_dir: Path) -> None:
+    """Remove a previous build's files, manifest first so a half-rebuilt dir never looks complete."""
+    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    for split in SPLITS:
+        for old in out_dir.glob(f"{split}_*.bin"):
+            old.unlink()
+
+
+class _StageClock:
+    """Seconds spent in each named stage, measured back to back."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.laps[stage] = round(now - self._last, 3)
+        self._last = now
+
+
+def build_corpus(
+    cfg: CorpusConfig, out_dir: str | Path, vocab_size: int, progress: bool = True
+) -> CorpusManifest:
+    """Read → clean → split → train the tokenizer on train → encode → pack; write ``out_dir``.
+
+    Returns at once with the existing manifest when ``out_dir`` already holds a complete build for
+    the same config, vocab size and source files. Build once (on the driver), then let workers
+    open ``TokenShards``: two processes building into the same directory would overwrite each other.
+    """
+    out_dir = Path(out_dir)
+    fingerprint = corpus_fingerprint(cfg, vocab_size)
+    if (existing := _reusable(out_dir, fingerprint)) is not None:
+        return existing
+    clock = _StageClock()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_outputs(out_dir)
+    docs = list(tqdm(read_corpus(cfg), desc="read", unit="doc", disable=not progress))
+    clock.lap("read")
+    kept, stats = clean(docs, cfg, progress)
+    train, heldout = split_heldout(kept, cfg.heldout_fraction)
+    clock.lap("clean")
+    if not train:
+        raise ValueError(
+            f"no training documents left ({stats.summary()}); add text to CorpusConfig.sources "
+            "or loosen the filters (min_chars, max_non_text_ratio, max_repeated_line_ratio)"
+        )
+    texts = _tokenizer_texts(train, cfg.tokenizer_max_bytes)
+    tok = Tokenizer.train(texts, vocab_size, show_progress=progress)
+    tok.save(out_dir / TOKENIZER_NAME)
+    clock.lap("tokenizer")
+    splits = {
+        name: pack_split(split_docs, tok, out_dir, name, cfg.shard_tokens, progress)
+        for name, split_docs in zip(SPLITS, (train, heldout), strict=True)
+    }
+    clock.lap("encode")
+    manifest = CorpusManifest(
+        vocab_size=tok.vocab_size,
+        dtype=token_dtype(tok.vocab_size).name,
+        eos_id=tok.eos_id,
+        tokenizer_file=TOKENIZER_NAME,
+        splits=splits,
+        stats=stats,
+        config=asdict(cfg),
+        fingerprint=fingerprint,
+        build_seconds=round(sum(clock.laps.values()), 3),
+        stage_seconds=clock.laps,
+    )
+    manifest.save(out_dir)
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------
+# Reading shards
+
+
+class TokenShards:
+    """One split of a built corpus as a single random-access array of token ids, memory-mapped.
+
+    Shards are opened lazily and only the pages a read touches are loaded. Pickles without its
+    memory maps (workers reopen the files), so it can be handed to Ray workers on a shared disk.
+    """
+
+    def __init__(self, root: str | Path, split: str = "train") -> None:
+        self.root, self.split = Path(root), split
+        manifest = CorpusManifest.load(self.root)
+        if split not in manifest.splits:
+            raise ValueError(f"unknown split {split!r}; this corpus has {sorted(manifest.splits)}")
+        info = manifest.splits[split]
+        self.vocab_size, self.eos_id = manifest.vocab_size, manifest.eos_id
+        self.n_documents, self._n_bytes = info.n_documents, info.n_bytes
+        self._dtype = np.dtype(manifest.dtype).newbyteorder("<")
+        self._files = [self.root / s.file for s in info.shards]
+        counts = np.array([s.n_tokens for s in info.shards], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(counts)])  # (n_shards + 1,)
+        self._maps: list[np.memmap | None] = [None] * len(self._files)
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    @property
+    def bytes_of_text(self) -> int:
+        """UTF-8 bytes of the split's text: bits per byte = total nats / (ln 2 · bytes_of_text)."""
+        return self._n_bytes
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    def read(self, start: int, n: int) -> np.ndarray:
+        """Ids ``[start, start + n)`` as a new array of the stored dtype, across shard boundaries."""
+        if start < 0 or n < 0 or start + n > len(self):
+            raise IndexError(
+                f"read({start}, {n}) is outside the {self.split} split of {len(self)} tokens"
+            )
+        out = np.empty(n, dtype=self._dtype)
+        pos, end = start, start + n
+        shard = int(np.searchsorted(self._starts, start, side="right")) - 1
+        while pos < end:
+            local, take_n = pos - self._starts[shard], min(end, self._starts[shard + 1]) - pos
+            out[pos - start : pos - start + take_n] = self._map(shard)[local : local + take_n]
+            pos, shard = pos + take_n, shard + 1
+        return out
+
+    def _map(self, i: int) -> np.memmap:
+        if self._maps[i] is None:
+            self._maps[i] = np.memmap(self._files[i], dtype=self._dtype, mode="r")
+        return self._maps[i]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_maps": [None] * len(self._files)}
+
+
+# --------------------------------------------------------------------------------------------
+# Batches
+
+
+def steps_per_epoch(n_tokens: int, batch_size: int, seq_len: int, world_size: int = 1) -> int:
+    """Global steps before ``get_batch`` starts a new shuffled pass over the windows."""
+    return ((n_tokens - 1) // seq_len) // (batch_size * world_size)
+
+
+@lru_cache(maxsize=4)
+def _window_order(n_windows: int, seed: int, epoch: int) -> np.ndarray:
+    """A permutation of the windows, fixed by (seed, epoch); cached because every step reuses it."""
+    return np.random.default_rng([seed, epoch]).permutation(n_windows)
+
+
+def get_batch(
+    shards: TokenShards,
+    batch_size: int,
+    seq_len: int,
+    step: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets, each (batch_size, seq_len) int64, for one (step, rank).
+
+    The stream is cut into windows ``[k·seq_len, k·seq_len + seq_len + 1)`` (windows may span
+    documents; ``<|eos|>`` marks the seams). Each epoch visits the windows in a permutation fixed
+    by (seed, epoch); global step s takes the next ``world_size · batch_size`` of them and rank r
+    gets its own contiguous ``batch_size`` slice. Hence: the same (step, rank, seed) always gives
+    the same batch, whatever ran before (resume = just pass the step); ranks of one step never
+    share a window; an epoch never repeats a window. Windows left over after the last full global
+    batch of an epoch are skipped that epoch (a different set each time).
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    if batch_size < 1 or seq_len < 1 or step < 0:
+        raise ValueError(
+            f"need batch_size >= 1, seq_len >= 1, step >= 0; got {batch_size}, {seq_len}, {step}"
+        )
+    per_epoch = steps_per_epoch(len(shards), batch_size, seq_len, world_size)
+    if per_epoch == 0:
+        raise ValueError(
+            f"the {shards.split} split has {len(shards)} tokens, fewer than one global batch of "
+            f"{world_size}x{batch_size} windows of {seq_len + 1}; use a smaller batch_size or "
+            "seq_len, or a bigger corpus"
+        )
+    epoch, step_in_epoch = divmod(step, per_epoch)
+    order = _window_order((len(shards) - 1) // seq_len, seed, epoch)
+    first = (step_in_epoch * world_size + rank) * batch_size
+    rows = [shards.read(int(k) * seq_len, seq_len + 1) for k in order[first : first + batch_size]]
+    data = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T + 1)
+    return data[:, :-1].contiguous(), data[:, 1:].contiguous()
