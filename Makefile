@@ -22,12 +22,12 @@ run: $(STAMP)
 	$(BIN)/kiln run
 
 test: $(STAMP)
-	$(BIN)/ruff check kilnlm cluster actors tests bench
+	$(BIN)/ruff check kilnlm cluster actors tests bench protos
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check kilnlm cluster actors tests bench
-	$(BIN)/ruff format --check kilnlm cluster actors tests bench
+	$(BIN)/ruff check kilnlm cluster actors tests bench protos
+	$(BIN)/ruff format --check kilnlm cluster actors tests bench protos
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

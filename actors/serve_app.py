@@ -1,0 +1,90 @@
+"""Build and run the Serve application of a ``ServeConfig``: LLMServer replicas behind the Gateway.
+
+    app = build_app(config)                  # Gateway(LLMServer) bound, not yet running
+    address = run(config)                    # deploy on the connected Ray cluster; "host:port"
+
+Serve is started with its HTTP proxy disabled: clients reach the application only through the
+Gateway's own gRPC server (see gateway.py for why not Serve's gRPC proxy), so two applications
+(two ``app_name``s, two ports) can share one cluster.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from kilnlm.actors.gateway import Gateway
+from kilnlm.actors.server import LLMServer
+from ray import serve
+from ray.serve.config import ProxyLocation
+
+from kilnlm.serving_config import ServeConfig
+
+
+def deployment_options(config: ServeConfig) -> dict[str, Any]:
+    """LLMServer's Serve options: replicas or autoscaling, queue bounds, per-replica resources."""
+    options: dict[str, Any] = {
+        "max_ongoing_requests": config.max_ongoing_requests,
+        "max_queued_requests": config.max_queued_requests,
+        "ray_actor_options": {
+            "num_cpus": config.replica_num_cpus,
+            "num_gpus": config.replica_num_gpus,
+        },
+    }
+    if config.autoscaling:
+        options["autoscaling_config"] = {
+            "min_replicas": config.min_replicas,
+            "max_replicas": config.max_replicas,
+            "target_ongoing_requests": config.target_ongoing_requests,
+        }
+    else:
+        options["num_replicas"] = config.num_replicas
+    return options
+
+
+def build_app(config: ServeConfig) -> serve.Application:
+    """The application graph: one Gateway holding a handle to the LLMServer deployment."""
+    llm = LLMServer.options(**deployment_options(config)).bind(config)
+    gateway = Gateway.options(
+        ray_actor_options={
+            "num_cpus": config.gateway_num_cpus,
+            "resources": dict(config.gateway_resources),
+        }
+    )
+    return gateway.bind(llm, config)
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """Entry point for a Serve config file (``import_path: kilnlm.actors.serve_app:app_builder``).
+
+    ``args`` are ServeConfig fields; the admin token comes from $KILN_ADMIN_TOKEN rather than the
+    file, so it never sits in a config checked into version control.
+    """
+    from kilnlm.config import from_dict
+
+    data = dict(args)
+    if os.environ.get("KILN_ADMIN_TOKEN"):
+        data.setdefault("admin_token", os.environ["KILN_ADMIN_TOKEN"])
+    return build_app(from_dict(ServeConfig, data))
+
+
+def run(config: ServeConfig) -> str:
+    """Deploy the application on the connected Ray cluster; returns the gateway's host:port.
+
+    Returns once every replica has loaded its model (Serve waits for the constructors).
+    """
+    serve.start(proxy_location=ProxyLocation.Disabled)
+    # No per-call access log: the gateway's health poll alone would write two lines a second.
+    logging = {"enable_access_log": False}
+    handle = serve.run(
+        build_app(config), name=config.app_name, route_prefix=None, logging_config=logging
+    )
+    return handle.address.remote().result()
+
+
+def llm_handle(config: ServeConfig) -> serve.handle.DeploymentHandle:
+    """A handle to the application's LLMServer deployment (the orchestrator's way in)."""
+    return serve.get_deployment_handle("LLMServer", app_name=config.app_name)
+
+
+__all__ = ["app_builder", "build_app", "deployment_options", "llm_handle", "run"]

@@ -1,0 +1,357 @@
+"""One replica's model at the text edge: weights, tokenizer and ``AsyncLLMEngine`` of one version.
+
+The engine works in token ids (STYLE.md 5); this class is where text becomes ids and back for
+a replica: it encodes prompts and chat conversations, checks them against the model (empty,
+longer than the context), streams the engine's deltas as ``GenerationChunk``s, scores text, and
+holds the two-phase hot-swap (``stage`` then ``commit``) that the orchestrator drives.
+
+No Ray here: the LLMServer deployment (``server.py``) wraps one of these, and the gateway's
+tests drive one directly, in-process, through real gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
+
+import torch
+from kilnlm.actors.protocol import (
+    AbortedError,
+    DeadlineExceededError,
+    Finish,
+    GenerationChunk,
+    GenerationRequest,
+    ModelInfo,
+    NoModelError,
+    ScoreRequest,
+    ScoreResult,
+    VersionMismatchError,
+    VersionUnavailableError,
+    merge_chunks,
+)
+
+from kilnlm import checkpoint
+from kilnlm.chat import encode_chat
+from kilnlm.engine import AsyncLLMEngine, EngineConfig, LLMEngine, RequestOutput
+from kilnlm.engine.engine import DTYPES
+from kilnlm.eval import EvalResult, token_logprobs
+from kilnlm.model import Transformer
+from kilnlm.sampling import SamplingParams
+from kilnlm.serving_config import ServeConfig
+from kilnlm.tokenizer import Tokenizer
+
+T = TypeVar("T")
+
+
+@dataclass
+class LoadedModel:
+    """Weights and tokenizer of one checkpoint version, ready to serve."""
+
+    model: Transformer
+    tokenizer: Tokenizer
+    version: int
+    checkpoint: str
+
+
+def resolve_device(engine: EngineConfig) -> tuple[torch.device, torch.dtype]:
+    """Where weights go: the engine config's choice, else CUDA in bfloat16 when this process
+    sees a GPU, else CPU in float32 (one code path for the laptop and the cluster)."""
+    device = torch.device(engine.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    default = "bfloat16" if device.type == "cuda" else "float32"
+    return device, DTYPES[engine.dtype or default]
+
+
+def load_checkpoint(
+    path: str, version: int | None, device: torch.device, dtype: torch.dtype
+) -> LoadedModel:
+    """Verify and load a checkpoint directory (manifest checksums first: never serve a torn copy)."""
+    manifest = checkpoint.verify_manifest(path)
+    if version is None:
+        version = int(manifest.fields.get("version", 1))
+    tokenizer = checkpoint.load_tokenizer(path, verify=False)
+    if not isinstance(tokenizer, Tokenizer):
+        raise ValueError(
+            f"checkpoint {path} has no kilnlm tokenizer.json; serving needs one "
+            "(export with save_pretrained(model, path, tokenizer=...))"
+        )
+    model = checkpoint.load(path, device=device, dtype=dtype, verify=False)
+    return LoadedModel(model.eval(), tokenizer, version, str(path))
+
+
+def _engine_deadline(wall_deadline: float | None) -> float | None:
+    """The request's wall-clock deadline on this process's monotonic clock (the engine's)."""
+    if wall_deadline is None:
+        return None
+    return time.monotonic() + (wall_deadline - time.time())
+
+
+class ServingModel:
+    """The served model of one replica and its engine; empty (``NoModelError``) until loaded."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.device, self.dtype = resolve_device(config.engine)
+        self.current: LoadedModel | None = None
+        self.staged: LoadedModel | None = None
+        self.engine: AsyncLLMEngine | None = None
+
+    # ---- lifecycle: two-phase hot-swap ------------------------------------------------------
+
+    async def stage(self, checkpoint_path: str, version: int | None = None) -> int:
+        """Phase 1: load and check ``checkpoint_path`` beside the serving weights; returns its version.
+
+        Raises (and keeps serving the old version) on a bad checksum, a shape mismatch, or a
+        tokenizer different from the served one (in-flight prompts were encoded with it).
+        In "drain" swap mode the new weights are loaded into host memory, not the device.
+        """
+        drain = self.config.engine.swap_mode == "drain" and self.engine is not None
+        device = torch.device("cpu") if drain else self.device
+        loaded = await asyncio.to_thread(
+            load_checkpoint, checkpoint_path, version, device, self.dtype
+        )
+        if (
+            self.current is not None
+            and loaded.tokenizer.to_json() != self.current.tokenizer.to_json()
+        ):
+            raise ValueError(
+                f"checkpoint {checkpoint_path} has a different tokenizer from the served version "
+                f"{self.current.version}; a new vocabulary needs a new deployment"
+            )
+        if self.engine is not None:
+            await self.engine.stage(loaded.model, loaded.version)
+            if drain and self.current is not None:
+                # The engine will copy the weights into the serving model in place at the flip;
+                # that object is the one Score must use from then on (the host copy is the engine's).
+                loaded.model = self.current.model
+        self.staged = loaded
+        return loaded.version
+
+    async def commit(self, version: int) -> None:
+        """Phase 2: new requests get ``version`` from the engine's next step boundary; running
+        ones finish on the weights they started with."""
+        if self.staged is None or self.staged.version != version:
+            staged = None if self.staged is None else self.staged.version
+            raise ValueError(f"version {version} is not staged (staged: {staged}); stage it first")
+        if self.engine is None:
+            self.engine = self._new_engine(self.staged)
+        else:
+            await self.engine.commit(version)
+        self.current, self.staged = self.staged, None
+
+    async def abort_stage(self) -> None:
+        """Drop staged weights (another replica failed to stage): keep serving the old version."""
+        if self.engine is not None:
+            await self.engine.abort_stage()
+        self.staged = None
+
+    async def load(self, checkpoint_path: str, version: int | None = None) -> int:
+        """Stage and commit at once (a single replica, or the first model of an empty one)."""
+        version = await self.stage(checkpoint_path, version)
+        await self.commit(version)
+        return version
+
+    def _new_engine(self, loaded: LoadedModel) -> AsyncLLMEngine:
+        tok = loaded.tokenizer
+        engine = LLMEngine(
+            loaded.model, self.config.engine, tok.eos_id, loaded.version, decode=tok.decode
+        )
+        return AsyncLLMEngine(engine)
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+
+    @property
+    def healthy(self) -> bool:
+        """False once the engine's step loop has died (the replica must be replaced)."""
+        return self.engine is None or self.engine.healthy
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    def _serving(self, min_version: int | None, pin_version: int | None) -> LoadedModel:
+        """The served model, if it satisfies the request's version constraints."""
+        current = self.current
+        if current is None or self.engine is None:
+            raise NoModelError(
+                "no model is loaded yet: promote a checkpoint (kiln promote) or start the server "
+                "with --checkpoint, then retry"
+            )
+        if min_version is not None and current.version < min_version:
+            raise VersionUnavailableError(
+                f"min_version {min_version} is newer than the served version {current.version}; "
+                "retry after it is promoted"
+            )
+        if pin_version is not None and current.version != pin_version:
+            raise VersionMismatchError(
+                f"pin_version {pin_version} is not served (serving version {current.version})"
+            )
+        return current
+
+    def encode(self, request: GenerationRequest, loaded: LoadedModel) -> list[int]:
+        """Prompt ids; ValueError naming ``prompt``/``messages`` when empty or too long."""
+        tok = loaded.tokenizer
+        field = "prompt" if request.messages is None else "messages"
+        if request.messages is not None:
+            ids = encode_chat(tok, request.messages, add_generation_prompt=True)
+        else:
+            ids = tok.encode(request.prompt or "")
+        if not ids:
+            raise ValueError(f"{field} must not be empty")
+        context = loaded.model.config.block_size
+        if len(ids) >= context:
+            raise ValueError(
+                f"{field} is {len(ids)} tokens, longer than the context allows: the model reads "
+                f"{context} positions and needs one for a new token; shorten it"
+            )
+        return ids
+
+    def _params(self, params: SamplingParams) -> SamplingParams:
+        return params.validate_for(self.config.engine.max_tokens_limit)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Stream one request. Closing this iterator (client gone) aborts it in the engine."""
+        loaded = self._serving(request.min_version, request.pin_version)
+        ids = self.encode(request, loaded)
+        params = self._params(request.params)
+        deadline = _engine_deadline(request.deadline)
+        if deadline is not None and deadline <= time.monotonic():
+            raise DeadlineExceededError("the request's deadline passed before it was scheduled")
+        assert self.engine is not None
+        # The engine's id is ours: a client's request_id is only a label, two clients may pick
+        # the same one.
+        outputs = self.engine.generate(uuid.uuid4().hex, ids, params, deadline=deadline)
+        async with contextlib.aclosing(arrived_together(outputs)) as batches:
+            async for batch in batches:
+                yield merge_chunks([to_chunk(out, request.request_id) for out in batch])
+
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        """Per-token logprobs of the text after a BOS token, perplexity and bits per byte."""
+        loaded = self._serving(request.min_version, request.pin_version)
+        n_bytes = len(request.text.encode("utf-8"))
+        if not 0 < n_bytes <= self.config.max_score_bytes:
+            raise ValueError(
+                f"text must be 1..{self.config.max_score_bytes} UTF-8 bytes, got {n_bytes}; "
+                "score a long file in parts"
+            )
+        ids = [loaded.tokenizer.bos_id, *loaded.tokenizer.encode(request.text)]
+        lp = await asyncio.to_thread(token_logprobs, loaded.model, ids)
+        result = EvalResult.from_total_nll(-float(lp.double().sum()), len(lp), n_bytes)
+        return ScoreResult(
+            token_ids=ids[1:],
+            logprobs=[float(x) for x in lp],
+            perplexity=result.perplexity,
+            bits_per_byte=result.bits_per_byte,
+            num_bytes=n_bytes,
+            model_version=loaded.version,
+        )
+
+    async def info(self) -> ModelInfo:
+        """What this replica serves and how full its KV cache is."""
+        loaded = self.current
+        if loaded is None or self.engine is None:
+            return ModelInfo(
+                staged_version=None if self.staged is None else self.staged.version,
+                max_tokens_limit=self.config.engine.max_tokens_limit,
+                device=str(self.device),
+            )
+        cfg = loaded.model.config
+        stats = self.engine.stats()
+        return ModelInfo(
+            version=loaded.version,
+            checkpoint=loaded.checkpoint,
+            config=asdict(cfg),
+            context_length=cfg.block_size,
+            vocab_size=cfg.vocab_size,
+            num_params=loaded.model.num_params(),
+            kv_budget_bytes=stats["kv_budget_bytes"],
+            kv_bytes_per_token=stats["kv_bytes_per_token"],
+            block_size=stats["block_size"],
+            blocks_total=stats["total_blocks"],
+            blocks_used=stats["used_blocks"],
+            running=stats["num_running"],
+            waiting=stats["num_waiting"],
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+            max_tokens_limit=self.config.engine.max_tokens_limit,
+            generated_tokens=stats["num_generated_tokens"],
+            staged_version=None if self.staged is None else self.staged.version,
+        )
+
+
+async def arrived_together(stream: AsyncIterator[T]) -> AsyncIterator[list[T]]:
+    """Each time the consumer asks, everything ``stream`` produced since, as one list.
+
+    Why: a replica under load yields slower than the engine steps (every yield is a Ray object
+    and then a gRPC message), so per-step deltas pile up; sending them as one chunk cuts the
+    per-message cost exactly when it matters and adds no delay when the consumer keeps up.
+    Closing this iterator cancels the reader, which closes ``stream`` (the engine aborts).
+    """
+    arrived: asyncio.Queue[Any] = asyncio.Queue()
+    end = object()
+
+    async def read() -> None:
+        try:
+            async for item in stream:
+                arrived.put_nowait(item)
+            arrived.put_nowait(end)
+        except Exception as e:  # delivered to the consumer, in order
+            arrived.put_nowait(e)
+
+    reader = asyncio.create_task(read())
+    try:
+        while True:
+            items = [await arrived.get()]
+            while not arrived.empty():
+                items.append(arrived.get_nowait())
+            done = items[-1] is end or isinstance(items[-1], Exception)
+            batch = [x for x in items if x is not end and not isinstance(x, Exception)]
+            if batch:
+                yield batch
+            if isinstance(items[-1], Exception):
+                raise items[-1]
+            if done:
+                return
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+
+
+def to_chunk(out: RequestOutput, request_id: str) -> GenerationChunk:
+    """An engine delta as a chunk; a request the engine ended early raises the matching error."""
+    if out.finish_reason == "deadline":
+        raise DeadlineExceededError(f"request {request_id} passed its deadline; generation stopped")
+    if out.finish_reason == "abort":
+        raise AbortedError(f"request {request_id} was aborted: the replica is shutting down; retry")
+    finish = None
+    if out.finished:
+        assert out.finish_reason in ("eos", "stop", "length")
+        finish = Finish(
+            finish_reason=out.finish_reason,
+            prompt_tokens=out.num_prompt_tokens,
+            completion_tokens=out.num_completion_tokens,
+            seed=out.seed,
+            model_version=out.version,
+            request_id=request_id,
+        )
+    return GenerationChunk(
+        text=out.text or "",
+        token_ids=list(out.token_ids),
+        logprobs=list(out.logprobs or []),
+        finish=finish,
+    )
+
+
+__all__ = [
+    "LoadedModel",
+    "ServingModel",
+    "arrived_together",
+    "load_checkpoint",
+    "resolve_device",
+    "to_chunk",
+]

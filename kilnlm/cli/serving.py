@@ -1,0 +1,261 @@
+"""``kiln serve``, ``kiln generate``, ``kiln chat``, ``kiln score``: run a server, talk to one.
+
+``serve`` starts local Ray (or joins ``--ray-address``), deploys the Serve application and
+keeps it up until Ctrl-C. The other three are gRPC clients (``kilnlm.client``) of a running
+server at ``--address`` (default 127.0.0.1:50051); they never import Ray or torch's model code.
+Sampling flags (``--temperature``, ``--top-p``, ``--max-tokens``, ``--seed``, ...) left out take
+the server's defaults (chat: temperature 0.7, top_p 0.9).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from kilnlm.config import add_arguments, overrides_from, read_file
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+ENGINE_PREFIX = "engine_"
+
+
+def register(subparsers: Any) -> None:
+    _register_serve(subparsers)
+    _register_generate(subparsers)
+    _register_chat(subparsers)
+    _register_score(subparsers)
+
+
+# --------------------------------------------------------------------------------------------
+# kiln serve
+
+
+def _register_serve(subparsers: Any) -> None:
+    from kilnlm.engine import EngineConfig
+    from kilnlm.serving_config import ServeConfig
+
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a checkpoint over gRPC from Ray Serve replicas",
+        description="Start local Ray, deploy LLM server replicas behind the gRPC gateway "
+        "(127.0.0.1:50051 by default) and serve until Ctrl-C. The admin token for "
+        "promote/rollback is read from $KILN_ADMIN_TOKEN.",
+    )
+    p.add_argument("--config", help="TOML/JSON/YAML file; its [serve] section is a ServeConfig")
+    p.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
+    add_arguments(p, ServeConfig, skip=("admin_token",))
+    add_arguments(p, EngineConfig, prefix=ENGINE_PREFIX)
+    p.set_defaults(func=cmd_serve)
+
+
+def serve_config(args: argparse.Namespace) -> Any:
+    """ServeConfig from --config's [serve] section, then flags (--engine-* into .engine)."""
+    from kilnlm.config import from_dict
+    from kilnlm.engine import EngineConfig
+    from kilnlm.serving_config import ServeConfig
+
+    data: dict[str, Any] = dict(read_file(args.config).get("serve", {})) if args.config else {}
+    data.update(overrides_from(args, ServeConfig))
+    engine = overrides_from(args, EngineConfig, prefix=ENGINE_PREFIX)
+    if engine:
+        data["engine"] = {**data.get("engine", {}), **engine}
+    if os.environ.get("KILN_ADMIN_TOKEN"):
+        data["admin_token"] = os.environ["KILN_ADMIN_TOKEN"]
+    return from_dict(ServeConfig, data)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = serve_config(args)
+    if config.checkpoint is not None and not Path(config.checkpoint).is_dir():
+        raise FileNotFoundError(f"checkpoint directory {config.checkpoint} does not exist")
+    import ray
+    from ray import serve
+
+    from kilnlm.actors import serve_app
+
+    # Ctrl-C must stop the server even when the shell started it in the background (which
+    # ignores SIGINT); Ray's own SIGTERM handler exits through the `finally` below as well.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    _init_ray(args.ray_address)
+    try:
+        address = serve_app.run(config)
+        what = config.checkpoint or "no model (waiting for a promotion)"
+        print(f"kiln: serving {what} on {address} (grpc); Ctrl-C to stop", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("kiln: stopping", file=sys.stderr)
+        return 0
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _init_ray(address: str | None) -> None:
+    """Join ``address``, or start local Ray with more logical CPUs than cores: replicas and the
+    gateway ask for fractions and keep torch to one thread each (DESIGN.md)."""
+    import ray
+
+    env = {"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    if address is not None:
+        ray.init(address=address, runtime_env=env)
+    else:
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, runtime_env=env)
+
+
+# --------------------------------------------------------------------------------------------
+# Client commands
+
+
+def _client_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=DEFAULT_ADDRESS, help="server host:port")
+    p.add_argument("--timeout", type=float, default=None, help="deadline per call, in seconds")
+    p.add_argument("--tls-ca", help="PEM file to verify a TLS server with (plaintext if absent)")
+
+
+def _sampling_flags(p: argparse.ArgumentParser) -> None:
+    from kilnlm.sampling import SamplingParams
+
+    add_arguments(p, SamplingParams)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    from kilnlm.sampling import SamplingParams
+
+    sampling = overrides_from(args, SamplingParams)
+    if args.stop:
+        sampling["stop"] = args.stop
+    return sampling
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from kilnlm.client import Client
+
+    return Client(args.address, timeout=args.timeout, tls_ca=args.tls_ca)
+
+
+def _rpc_error(command: str, e: Any) -> int:
+    print(f"kiln {command}: {e.code().name}: {e.details()}", file=sys.stderr)
+    return 1
+
+
+def _register_generate(subparsers: Any) -> None:
+    p = subparsers.add_parser("generate", help="complete a prompt on a running server")
+    p.add_argument("prompt")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    _client_flags(p)
+    _sampling_flags(p)
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    try:
+        with _client(args) as client:
+            if args.stream:
+                finish = None
+                for delta in client.generate_stream(args.prompt, **_sampling(args)):
+                    print(delta.text, end="", flush=True)
+                    finish = delta.finish or finish
+                print()
+            else:
+                completion = client.generate(args.prompt, **_sampling(args))
+                print(completion.text)
+                finish = completion.finish
+    except grpc.RpcError as e:
+        return _rpc_error("generate", e)
+    if finish is not None:
+        print(
+            f"[{finish.finish_reason}: {finish.completion_tokens} tokens, model version "
+            f"{finish.model_version}, seed {finish.seed}]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _register_chat(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "chat",
+        help="talk to a running server (one message per line on stdin)",
+        description="An interactive chat that keeps the conversation. Reads one user message "
+        "per line from stdin (so it can be scripted); /reset forgets the conversation, "
+        "/exit or end of input quits.",
+    )
+    p.add_argument("--system", help="system message that opens the conversation")
+    _client_flags(p)
+    _sampling_flags(p)
+    p.set_defaults(func=cmd_chat)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    opening = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(opening)
+    prompt = "you> " if sys.stdin.isatty() else ""
+    with _client(args) as client:
+        while True:
+            print(prompt, end="", flush=True)
+            line = sys.stdin.readline()
+            if not line or line.strip() in ("/exit", "/quit"):
+                return 0
+            text = line.rstrip("\n")
+            if text.strip() == "/reset":
+                messages = list(opening)
+                continue
+            if text.strip():
+                messages = _chat_turn(client, messages, text, args)
+
+
+def _chat_turn(
+    client: Any, messages: list[dict[str, str]], text: str, args: argparse.Namespace
+) -> list[dict[str, str]]:
+    """Send one user message and stream the reply; the conversation with both, or unchanged on error."""
+    import grpc
+
+    asked = [*messages, {"role": "user", "content": text}]
+    reply = []
+    try:
+        for delta in client.chat_stream(asked, **_sampling(args)):
+            print(delta.text, end="", flush=True)
+            reply.append(delta.text)
+        print(flush=True)
+    except grpc.RpcError as e:
+        print()
+        _rpc_error("chat", e)
+        return messages
+    return [*asked, {"role": "assistant", "content": "".join(reply)}]
+
+
+def _register_score(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "score", help="perplexity and bits per byte of a text file under the served model"
+    )
+    p.add_argument("file", help="UTF-8 text file, or - for stdin")
+    p.add_argument("--per-token", action="store_true", help="also print each token's logprob")
+    _client_flags(p)
+    p.set_defaults(func=cmd_score)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    import grpc
+
+    text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
+    try:
+        with _client(args) as client:
+            result = client.score(text)
+    except grpc.RpcError as e:
+        return _rpc_error("score", e)
+    if args.per_token:
+        for token_id, logprob in zip(result.token_ids, result.logprobs, strict=True):
+            print(f"{token_id}\t{logprob:.4f}")
+    print(
+        f"{args.file}: {len(result.token_ids)} tokens, {result.num_bytes} bytes, "
+        f"perplexity {result.perplexity:.3f}, bits per byte {result.bits_per_byte:.4f} "
+        f"(model version {result.model_version})"
+    )
+    return 0

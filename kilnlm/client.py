@@ -1,0 +1,450 @@
+"""Python client of a kiln server: ``Client`` (blocking) and ``AsyncClient`` (asyncio).
+
+    from kilnlm.client import Client
+    with Client("127.0.0.1:50051") as c:
+        print(c.generate("Once upon a time", max_tokens=32, temperature=0).text)
+        for delta in c.generate_stream("Once upon a time", max_tokens=32):
+            print(delta.text, end="", flush=True)
+
+Both speak the kiln.v1 gRPC API (``protos/``) and nothing else, so anything shown here can be
+done from any language with stubs generated from the protos. Sampling parameters are keyword
+arguments named as in ``SamplingParams`` (``temperature``, ``top_p``, ``top_k``, ``min_p``,
+``repetition_penalty``, ``seed``, ``max_tokens``, ``stop``, ``stop_token_ids``, ``num_beams``,
+``length_penalty``, ``logprobs``); one left out takes the server's default. Errors arrive as
+``grpc.RpcError`` with the status codes of DESIGN.md (``e.code()``, ``e.details()``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kilnlm.proto import generation_pb2 as pb
+from kilnlm.proto import generation_pb2_grpc as pb_grpc
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+"""Where `kiln serve` listens by default (loopback only)."""
+
+_ROLES = {"system": pb.ROLE_SYSTEM, "user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT}
+_FINISH = {
+    pb.FINISH_REASON_EOS: "eos",
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_LENGTH: "length",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass
+class Finish:
+    finish_reason: str
+    """"eos", "stop" (a stop string or token) or "length" (max_tokens or the context's end)."""
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+    seed: int
+    model_version: int
+    request_id: str
+
+
+@dataclass
+class Delta:
+    """One message of a stream: new text (whole characters), its token ids, maybe the end."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+    finish: Finish | None = None
+
+
+@dataclass
+class Completion:
+    """A whole generation. ``finish`` says why it ended and which model version produced it."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict[str, Any]]
+    finish: Finish
+
+
+@dataclass
+class Score:
+    token_ids: list[int]
+    logprobs: list[float]
+    perplexity: float
+    bits_per_byte: float
+    num_bytes: int
+    model_version: int
+
+
+# --------------------------------------------------------------------------------------------
+# Conversion (the client's one place that touches protobuf)
+
+
+def sampling_proto(**sampling: Any) -> pb.SamplingParams:
+    """Keyword arguments as SamplingParams; None values are left unset (server default)."""
+    try:
+        return pb.SamplingParams(**{k: v for k, v in sampling.items() if v is not None})
+    except ValueError as e:  # protobuf: "Protocol message SamplingParams has no "x" field."
+        raise TypeError(f"unknown sampling parameter: {e}") from None
+
+
+def chat_messages(messages: Sequence[Mapping[str, str]]) -> list[pb.ChatMessage]:
+    out = []
+    for i, m in enumerate(messages):
+        if m.get("role") not in _ROLES:
+            raise ValueError(
+                f"messages[{i}].role must be one of {sorted(_ROLES)}, got {m.get('role')!r}"
+            )
+        out.append(pb.ChatMessage(role=_ROLES[m["role"]], content=m["content"]))
+    return out
+
+
+def from_proto(msg: Any) -> Any:
+    """A response message as this module's dataclass (ModelInfo as a plain dict)."""
+    if isinstance(msg, pb.Finish):
+        return Finish(
+            finish_reason=_FINISH.get(msg.finish_reason, "unspecified"),
+            prompt_tokens=msg.usage.prompt_tokens,
+            completion_tokens=msg.usage.completion_tokens,
+            cached_prompt_tokens=msg.usage.cached_prompt_tokens,
+            seed=msg.seed,
+            model_version=msg.model_version,
+            request_id=msg.request_id,
+        )
+    if isinstance(msg, (pb.GenerateStreamResponse, pb.GenerateResponse)):
+        finish = from_proto(msg.finish) if msg.HasField("finish") else None
+        logprobs = [_logprob(lp) for lp in msg.logprobs]
+        cls = Completion if isinstance(msg, pb.GenerateResponse) else Delta
+        return cls(text=msg.text, token_ids=list(msg.token_ids), logprobs=logprobs, finish=finish)
+    if isinstance(msg, pb.ScoreResponse):
+        return Score(
+            token_ids=list(msg.token_ids),
+            logprobs=list(msg.logprobs),
+            perplexity=msg.perplexity,
+            bits_per_byte=msg.bits_per_byte,
+            num_bytes=msg.num_bytes,
+            model_version=msg.model_version,
+        )
+    if isinstance(msg, pb.ModelInfo):
+        return _model_info(msg)
+    raise TypeError(f"no conversion for {type(msg).__name__}")
+
+
+def _logprob(lp: pb.TokenLogprob) -> dict[str, Any]:
+    top = [(t.token_id, t.logprob) for t in lp.top]
+    return {"token_id": lp.token_id, "logprob": lp.logprob, "top": top}
+
+
+def _model_info(msg: pb.ModelInfo) -> dict[str, Any]:
+    kv = msg.kv_cache
+    return {
+        "version": msg.version,
+        "checkpoint": msg.checkpoint,
+        "config": json.loads(msg.config_json) if msg.config_json else {},
+        "context_length": msg.context_length,
+        "vocab_size": msg.vocab_size,
+        "num_params": msg.num_params,
+        "kv_cache": {
+            "budget_bytes": kv.budget_bytes,
+            "bytes_per_token": kv.bytes_per_token,
+            "block_size": kv.block_size,
+            "blocks_total": kv.blocks_total,
+            "blocks_used": kv.blocks_used,
+        },
+        "running": msg.running,
+        "waiting": msg.waiting,
+        "device": msg.device,
+        "dtype": msg.dtype,
+        "max_tokens_limit": msg.max_tokens_limit,
+        "generated_tokens": msg.generated_tokens,
+    }
+
+
+def _generate_request(
+    prompt: str, request_id: str, versions: dict[str, Any], sampling: dict[str, Any]
+) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        prompt=prompt, sampling=sampling_proto(**sampling), request_id=request_id, **_set(versions)
+    )
+
+
+def _chat_request(
+    messages: Sequence[Mapping[str, str]],
+    request_id: str,
+    versions: dict[str, Any],
+    sampling: dict[str, Any],
+) -> pb.ChatRequest:
+    return pb.ChatRequest(
+        messages=chat_messages(messages),
+        sampling=sampling_proto(**sampling),
+        request_id=request_id,
+        **_set(versions),
+    )
+
+
+def _set(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def _collect(deltas: list[Delta]) -> Completion:
+    finish = next((d.finish for d in reversed(deltas) if d.finish is not None), None)
+    if finish is None:
+        raise RuntimeError(
+            "the stream ended without a finish message; the server broke the protocol"
+        )
+    return Completion(
+        text="".join(d.text for d in deltas),
+        token_ids=[t for d in deltas for t in d.token_ids],
+        logprobs=[lp for d in deltas for lp in d.logprobs],
+        finish=finish,
+    )
+
+
+def _credentials(tls_ca: str | None) -> grpc.ChannelCredentials | None:
+    if tls_ca is None:
+        return None
+    with open(tls_ca, "rb") as f:
+        return grpc.ssl_channel_credentials(root_certificates=f.read())
+
+
+def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+# --------------------------------------------------------------------------------------------
+# Clients
+
+
+class Client:
+    """Blocking client. ``timeout`` (seconds) becomes each call's gRPC deadline unless overridden.
+
+    ``tls_ca``: a PEM file to verify a TLS server with (plaintext when None). ``token``: the admin
+    bearer token, sent as ``authorization`` metadata.
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        timeout: float | None = None,
+        tls_ca: str | None = None,
+        token: str | None = None,
+        tls_server_name: str | None = None,
+    ) -> None:
+        creds = _credentials(tls_ca)
+        options = [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []
+        self.channel = (
+            grpc.secure_channel(address, creds, options)
+            if creds
+            else grpc.insecure_channel(address, options)
+        )
+        self.stub = pb_grpc.GenerationStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+        self.timeout = timeout
+        self.metadata = _metadata(token)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _opts(self, timeout: float | None) -> dict[str, Any]:
+        return {
+            "timeout": timeout if timeout is not None else self.timeout,
+            "metadata": self.metadata,
+        }
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        timeout: float | None = None,
+        request_id: str = "",
+        min_version: int | None = None,
+        pin_version: int | None = None,
+        **sampling: Any,
+    ) -> Completion:
+        """Generate a completion of ``prompt`` and return it whole."""
+        versions = {"min_version": min_version, "pin_version": pin_version}
+        request = _generate_request(prompt, request_id, versions, sampling)
+        return from_proto(self.stub.Generate(request, **self._opts(timeout)))
+
+    def generate_stream(
+        self,
+        prompt: str,
+        *,
+        timeout: float | None = None,
+        request_id: str = "",
+        min_version: int | None = None,
+        pin_version: int | None = None,
+        **sampling: Any,
+    ) -> Iterator[Delta]:
+        """Stream a completion; closing the iterator early cancels the generation on the server."""
+        versions = {"min_version": min_version, "pin_version": pin_version}
+        request = _generate_request(prompt, request_id, versions, sampling)
+        call = self.stub.GenerateStream(request, **self._opts(timeout))
+        try:
+            for msg in call:
+                yield from_proto(msg)
+        finally:
+            call.cancel()  # no-op once the stream completed
+
+    def chat_stream(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        *,
+        timeout: float | None = None,
+        request_id: str = "",
+        min_version: int | None = None,
+        pin_version: int | None = None,
+        **sampling: Any,
+    ) -> Iterator[Delta]:
+        """Stream the assistant's reply to ``messages`` ([{"role": "user", "content": ...}, ...])."""
+        versions = {"min_version": min_version, "pin_version": pin_version}
+        request = _chat_request(messages, request_id, versions, sampling)
+        call = self.stub.Chat(request, **self._opts(timeout))
+        try:
+            for msg in call:
+                yield from_proto(msg)
+        finally:
+            call.cancel()
+
+    def chat(self, messages: Sequence[Mapping[str, str]], **kwargs: Any) -> Completion:
+        """The assistant's whole reply (chat defaults: temperature 0.7, top_p 0.9)."""
+        return _collect(list(self.chat_stream(messages, **kwargs)))
+
+    def score(self, text: str, *, timeout: float | None = None) -> Score:
+        """Per-token log-probabilities of ``text``, its perplexity and bits per byte."""
+        return from_proto(self.stub.Score(pb.ScoreRequest(text=text), **self._opts(timeout)))
+
+    def model_info(self, *, timeout: float | None = None) -> dict[str, Any]:
+        return from_proto(self.stub.GetModelInfo(pb.GetModelInfoRequest(), **self._opts(timeout)))
+
+    def health(self, service: str = "", *, timeout: float | None = 5.0) -> str:
+        """grpc.health.v1 status name: "SERVING", "NOT_SERVING" (no model yet), ..."""
+        response = self.health_stub.Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=timeout
+        )
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+class AsyncClient:
+    """asyncio twin of ``Client``: the same methods, awaited (streams are async iterators)."""
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        timeout: float | None = None,
+        tls_ca: str | None = None,
+        token: str | None = None,
+        tls_server_name: str | None = None,
+    ) -> None:
+        creds = _credentials(tls_ca)
+        options = [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []
+        self.channel = (
+            grpc.aio.secure_channel(address, creds, options)
+            if creds
+            else grpc.aio.insecure_channel(address, options)
+        )
+        self.stub = pb_grpc.GenerationStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+        self.timeout = timeout
+        self.metadata = _metadata(token)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    def _opts(self, timeout: float | None) -> dict[str, Any]:
+        return {
+            "timeout": timeout if timeout is not None else self.timeout,
+            "metadata": self.metadata,
+        }
+
+    async def generate(
+        self,
+        prompt: str,
+        *,
+        timeout: float | None = None,
+        request_id: str = "",
+        min_version: int | None = None,
+        pin_version: int | None = None,
+        **sampling: Any,
+    ) -> Completion:
+        versions = {"min_version": min_version, "pin_version": pin_version}
+        request = _generate_request(prompt, request_id, versions, sampling)
+        return from_proto(await self.stub.Generate(request, **self._opts(timeout)))
+
+    async def generate_stream(
+        self,
+        prompt: str,
+        *,
+        timeout: float | None = None,
+        request_id: str = "",
+        min_version: int | None = None,
+        pin_version: int | None = None,
+        **sampling: Any,
+    ) -> AsyncIterator[Delta]:
+        versions = {"min_version": min_version, "pin_version": pin_version}
+        request = _generate_request(prompt, request_id, versions, sampling)
+        call = self.stub.GenerateStream(request, **self._opts(timeout))
+        try:
+            async for msg in call:
+                yield from_proto(msg)
+        finally:
+            call.cancel()
+
+    async def chat_stream(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        *,
+        timeout: float | None = None,
+        request_id: str = "",
+        min_version: int | None = None,
+        pin_version: int | None = None,
+        **sampling: Any,
+    ) -> AsyncIterator[Delta]:
+        versions = {"min_version": min_version, "pin_version": pin_version}
+        request = _chat_request(messages, request_id, versions, sampling)
+        call = self.stub.Chat(request, **self._opts(timeout))
+        try:
+            async for msg in call:
+                yield from_proto(msg)
+        finally:
+            call.cancel()
+
+    async def chat(self, messages: Sequence[Mapping[str, str]], **kwargs: Any) -> Completion:
+        return _collect([d async for d in self.chat_stream(messages, **kwargs)])
+
+    async def score(self, text: str, *, timeout: float | None = None) -> Score:
+        return from_proto(await self.stub.Score(pb.ScoreRequest(text=text), **self._opts(timeout)))
+
+    async def model_info(self, *, timeout: float | None = None) -> dict[str, Any]:
+        return from_proto(
+            await self.stub.GetModelInfo(pb.GetModelInfoRequest(), **self._opts(timeout))
+        )
+
+    async def health(self, service: str = "", *, timeout: float | None = 5.0) -> str:
+        response = await self.health_stub.Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=timeout
+        )
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+__all__ = ["AsyncClient", "Client", "Completion", "Delta", "Finish", "Score"]

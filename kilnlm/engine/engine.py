@@ -1,0 +1,499 @@
+"""``LLMEngine``: continuous batching over a block-paged KV cache, in token ids.
+
+The loop is ``add_request`` ... ``step()`` ... ``step()``: each step schedules (scheduler.py),
+runs one forward pass per weight version and shape (decode rows apart from prefill chunks, so
+a decode never pays for a chunk's padding), samples every row that reached the end of its
+tokens with that request's own parameters and generator, and returns a ``RequestOutput`` per
+request with news. The Serve replica and the gateway wrap this class; it knows nothing of
+either, and nothing of text except through the optional ``decode`` that stop strings need.
+
+Determinism: with ``batch_invariant`` (the default) a row's logits are bitwise the same
+whatever else is in the batch, however its prompt was chunked, and whether its keys were
+computed, reused from the prefix cache or recomputed after preemption (see invariant.py); each
+request samples from its own generator. So a seeded request gives the same tokens whatever
+the load, and greedy output equals ``kilnlm.generate`` run under the same numerics.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import os
+import secrets
+import time
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kilnlm.engine.block_manager import BlockManager
+from kilnlm.engine.invariant import KEY_TILE, batch_invariant
+from kilnlm.engine.paged_cache import PagedCache
+from kilnlm.engine.request import FinishReason, Request, RequestOutput
+from kilnlm.engine.scheduler import Chunk, Scheduler
+from kilnlm.engine.weights import StagedWeights, SwapMode, SwapReport, prepare
+from kilnlm.generate import Decode, TokenLogprob, _BeamSearch
+from kilnlm.model import Transformer, kv_cache_bytes_per_token
+from kilnlm.sampling import SamplingParams, process_logits, sample, token_logprobs
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class QueueFull(RuntimeError):
+    """Too many requests are waiting; the gateway answers RESOURCE_EXHAUSTED (retry later)."""
+
+
+@dataclass
+class EngineConfig:
+    """How the engine batches and how much memory its KV cache reserves."""
+
+    block_size: int = 16
+    """Token slots per KV block."""
+    kv_budget_mib: float | None = None
+    """KV cache size in MiB; overrides kv_budget_fraction."""
+    kv_budget_fraction: float | None = None
+    """Share of free device memory (of available RAM on CPU) for the KV cache; default 0.5,
+    capped at twice what max_num_seqs full-context sequences need."""
+    max_num_seqs: int = 64
+    """Sequences (beams count one each) running at once."""
+    max_num_batched_tokens: int = 512
+    """Tokens computed per step (all decodes + prefill chunks): the chunked-prefill budget."""
+    max_queue: int = 256
+    """Requests waiting to start; one more raises QueueFull."""
+    max_tokens_limit: int = 4096
+    """The largest max_tokens a request may ask for."""
+    swap_mode: SwapMode = "double"
+    """Hot-swap: "double" keeps both weight sets on the device; "drain" stages to host memory."""
+    dtype: str | None = None
+    """"float32", "bfloat16" or "float16"; None keeps the model's dtype."""
+    device: str | None = None
+    """"cpu", "cuda", "cuda:1", ...; None keeps the model's device."""
+    enable_prefix_caching: bool = True
+    batch_invariant: bool = True
+    """Fixed-shape kernels so a row's numbers do not depend on the batch (invariant.py)."""
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_queue"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
+        if self.max_tokens_limit < 1:
+            raise ValueError(f"max_tokens_limit must be >= 1, got {self.max_tokens_limit}")
+        if self.kv_budget_mib is not None and not self.kv_budget_mib > 0:
+            raise ValueError(f"kv_budget_mib must be > 0, got {self.kv_budget_mib}")
+        f = self.kv_budget_fraction
+        if f is not None and not 0 < f <= 1:
+            raise ValueError(f"kv_budget_fraction must be in (0, 1], got {f}")
+        if self.swap_mode not in ("double", "drain"):
+            raise ValueError(f"swap_mode must be 'double' or 'drain', got {self.swap_mode!r}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)} or None, got {self.dtype!r}")
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Free memory where the KV cache will live: the GPU's, or the host's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        import psutil  # optional: more accurate (counts reclaimable page cache)
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _prompt_ids(prompt: Any, vocab_size: int) -> list[int]:
+    """The prompt as a list of ids, or a ValueError starting with "prompt" saying what to fix."""
+    try:
+        ids = [operator.index(t) for t in prompt]
+    except TypeError:
+        raise ValueError(f"prompt must be a list of int token ids, got {prompt!r:.80}") from None
+    if not ids:
+        raise ValueError("prompt is empty; give at least one token (e.g. the BOS token)")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(
+            f"prompt has token id {bad[0]} outside the vocabulary [0, {vocab_size}); "
+            "encode it with this model's tokenizer"
+        )
+    return ids
+
+
+class LLMEngine:
+    """Continuous-batching generation over one model (two during a hot-swap)."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        config: EngineConfig | None = None,
+        eos_id: int | None = None,
+        version: int = 1,
+        decode: Decode | None = None,
+    ):
+        self.config = config = config or EngineConfig()
+        device = torch.device(config.device) if config.device else model.device
+        dtype = DTYPES[config.dtype] if config.dtype else next(model.parameters()).dtype
+        model = model.to(device=device, dtype=dtype).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model_config = cfg = model.config
+        if not cfg.causal:
+            raise ValueError(
+                "model is bidirectional (config.causal=False); serving needs a causal LM"
+            )
+        if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
+            raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {cfg.vocab_size})")
+        self.device, self.dtype, self.eos_id, self.decode = device, dtype, eos_id, decode
+        self.models: dict[int, Transformer] = {version: model}
+        self.serving_version = version
+        self.bytes_per_token = kv_cache_bytes_per_token(cfg, dtype)
+        num_blocks = self._num_blocks(device)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        key_multiple = KEY_TILE if config.batch_invariant else 1  # no key padding in attention
+        self.cache = PagedCache(cfg, num_blocks, config.block_size, dtype, device, key_multiple)
+        self.scheduler = Scheduler(
+            self.blocks, config.max_num_seqs, config.max_num_batched_tokens, eos_id
+        )
+        self.requests: dict[str, Request] = {}
+        self._outbox: list[RequestOutput] = []  # finished outside step() (abort)
+        self._staged: StagedWeights | None = None
+        self._commit: tuple[StagedWeights, float] | None = None  # and when commit was called
+        self._retiring: dict[int, float] = {}  # old version -> when it stopped taking requests
+        self.last_swap: SwapReport | None = None
+        self.num_steps = self.num_generated = 0
+
+    def _num_blocks(self, device: torch.device) -> int:
+        c, cfg = self.config, self.model_config
+        per_block = self.bytes_per_token * c.block_size
+        if c.kv_budget_mib is not None:
+            budget = int(c.kv_budget_mib * 2**20)
+        else:
+            budget = int(free_memory_bytes(device) * (c.kv_budget_fraction or 0.5))
+            useful = 2 * c.max_num_seqs * math.ceil(cfg.block_size / c.block_size) * per_block
+            budget = min(budget, useful)
+        if budget < per_block:
+            raise ValueError(
+                f"kv budget of {budget} bytes holds no block of {per_block} bytes; raise kv_budget_mib"
+            )
+        return budget // per_block
+
+    # ---- requests --------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_ids: Any,
+        params: SamplingParams | None = None,
+        deadline: float | None = None,
+    ) -> None:
+        """Queue a request. ``deadline`` is a ``time.monotonic()`` instant.
+
+        Raises ValueError whose message starts with the bad field (request_id, prompt,
+        max_tokens, num_beams, stop), and QueueFull when max_queue requests are waiting.
+        """
+        params = params if params is not None else SamplingParams()
+        prompt = self._validate(request_id, prompt_ids, params)
+        if len(self.scheduler.waiting) >= self.config.max_queue:
+            raise QueueFull(
+                f"queue full: {len(self.scheduler.waiting)} requests are waiting; retry later"
+            )
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        request = Request(
+            request_id=request_id,
+            prompt=prompt,
+            params=params,
+            seed=seed,
+            generator=torch.Generator(device=self.device).manual_seed(seed),
+            deadline=deadline,
+        )
+        if request.is_beam:
+            request.beam = _BeamSearch(prompt, params, self.eos_id)
+        self.requests[request_id] = request
+        self.scheduler.add(request)
+
+    def _validate(self, request_id: str, prompt_ids: Any, params: SamplingParams) -> list[int]:
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        cfg, c = self.model_config, self.config
+        prompt = _prompt_ids(prompt_ids, cfg.vocab_size)
+        n = len(prompt)
+        if n >= cfg.block_size:
+            raise ValueError(
+                f"prompt has {n} tokens but the context holds {cfg.block_size}, leaving no room to "
+                f"generate; shorten it to at most {cfg.block_size - 1} tokens"
+            )
+        params.validate_for(c.max_tokens_limit)
+        if n + params.max_tokens > cfg.block_size:
+            raise ValueError(
+                f"max_tokens ({params.max_tokens}) plus the prompt ({n} tokens) exceeds the "
+                f"context ({cfg.block_size}); ask for at most {cfg.block_size - n} new tokens"
+            )
+        if params.stop and self.decode is None:
+            raise ValueError("stop strings need text: this engine was built without decode")
+        if params.stop and params.num_beams > 1:
+            raise ValueError(
+                "stop strings are not supported with num_beams > 1; use stop_token_ids"
+            )
+        beam_cap = min(c.max_num_seqs, c.max_num_batched_tokens)
+        if params.num_beams > beam_cap:
+            raise ValueError(
+                f"num_beams ({params.num_beams}) exceeds what this server runs at once ({beam_cap})"
+            )
+        need = params.num_beams * math.ceil((n + params.max_tokens) / c.block_size)
+        if need > self.blocks.num_blocks:
+            raise ValueError(
+                f"prompt and max_tokens need up to {need} KV blocks but the server's KV budget holds "
+                f"{self.blocks.num_blocks}; shorten the prompt or ask for fewer tokens"
+            )
+        return prompt
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its blocks; its final output comes with the next step.
+        Returns False if there is no such live request."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return False
+        self._finish(request, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        """Is there work for step(): requests, outputs to hand out, or a commit to flip?"""
+        return bool(self.requests) or bool(self._outbox) or self._commit is not None
+
+    def _finish(self, request: Request, reason: FinishReason | None = None) -> None:
+        """End a request (reason given for abort / deadline) and queue its last output."""
+        if reason is not None:
+            request.finish_reason = reason
+        self.scheduler.remove(request)
+        del self.requests[request.request_id]
+        out = request.take_output(self.decode, self.serving_version)
+        if out is not None:
+            self._outbox.append(out)
+
+    # ---- the step --------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step; returns one output per request with news."""
+        now = time.monotonic()
+        self._swap_boundary(now)
+        for request in [r for r in self.requests.values() if r.deadline is not None]:
+            if now >= request.deadline:  # type: ignore[operator]
+                self._finish(request, "deadline")
+        sched = self.scheduler.schedule(self.serving_version, admit_new=not self._draining)
+        self.cache.copy_blocks(sched.copies)
+        touched = dict.fromkeys(c.request for c in sched.chunks)
+        if sched.chunks:
+            self._sample(self._forward(sched.chunks))
+        for request in touched:
+            if request.finished:
+                self._finish(request)
+            else:
+                out = request.take_output(self.decode, self.serving_version)
+                if out is not None:
+                    self._outbox.append(out)
+        self._retire_versions()
+        self.num_steps += 1
+        outputs, self._outbox = self._outbox, []
+        self.num_generated += sum(len(o.token_ids) for o in outputs)
+        return outputs
+
+    def _forward(self, chunks: list[Chunk]) -> dict[int, Tensor]:
+        """One forward pass per (weight version, decode or prefill); marks the tokens computed.
+        Returns the last logits (V,) of every chunk that samples, by sequence id."""
+        groups: dict[tuple[int, bool], list[Chunk]] = defaultdict(list)
+        for c in chunks:
+            assert c.request.version is not None
+            groups[(c.request.version, c.n == 1)].append(c)
+        logits_by_seq: dict[int, Tensor] = {}
+        for (version, _), group in groups.items():
+            rows = [
+                (c.seq.tokens[c.start : c.start + c.n], c.start, c.seq.block_table) for c in group
+            ]
+            tokens, positions = self.cache.bind(rows)
+            with batch_invariant(self.config.batch_invariant):
+                logits = self.models[version](tokens, positions, self.cache, last_only=True)
+            for row, c in enumerate(group):
+                self.blocks.mark_computed(c.seq, c.n)
+                if c.samples:
+                    logits_by_seq[c.seq.seq_id] = logits[row, -1]  # (V,)
+        return logits_by_seq
+
+    def _sample(self, logits_by_seq: dict[int, Tensor]) -> None:
+        """Next token for every sampling row (its own params and generator); beam steps."""
+        rows: list[Request] = []
+        for request in [r for r in self.requests.values() if r.seqs]:
+            sampled = [logits_by_seq.get(s.seq_id) for s in request.seqs]
+            if any(x is None for x in sampled):
+                continue
+            if request.is_beam:
+                self._beam_step(request, torch.stack(sampled))  # type: ignore[arg-type]
+            else:
+                rows.append(request)
+        if rows:
+            self._sample_rows(rows, torch.stack([logits_by_seq[r.seqs[0].seq_id] for r in rows]))
+
+    def _sample_rows(self, rows: list[Request], logits: Tensor) -> None:
+        """logits (B, V): one row per request, all sampled in one batch."""
+        params = [r.params for r in rows]
+        penalised = any(p.repetition_penalty != 1 for p in params)
+        prev = [r.seqs[0].tokens for r in rows] if penalised else None
+        tokens = sample(process_logits(logits, params, prev), params, [r.generator for r in rows])
+        n_top = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+        lp = token_logprobs(logits, tokens, n_top) if n_top is not None else None
+        for j, (request, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
+            entry = None
+            if lp is not None and request.params.logprobs is not None:
+                n = request.params.logprobs
+                top = list(
+                    zip(lp.top_ids[j, :n].tolist(), lp.top_logprobs[j, :n].tolist(), strict=True)
+                )
+                entry = TokenLogprob(token, float(lp.chosen[j]), top)
+            request.append(token, entry, self.eos_id, self.decode)
+
+    def _beam_step(self, request: Request, logits: Tensor) -> None:
+        """Advance a beam search one token: fork the chosen parents (sharing their blocks), free
+        the dropped ones, append each new beam's token."""
+        assert request.beam is not None
+        parents = request.beam.step(logits)
+        old, new, claimed = request.seqs, [], set()
+        for p in parents:
+            if p in claimed:
+                new.append(self.blocks.fork(old[p], self.scheduler.new_seq_id()))
+            else:
+                claimed.add(p)
+                new.append(old[p])
+        for i, seq in enumerate(old):
+            if i not in claimed:
+                self.blocks.free_seq(seq)
+        for seq, beam in zip(new, request.beam.live, strict=True):
+            seq.tokens.append(beam.tokens[-1])
+        request.seqs = new
+        if request.beam.done():
+            request.finish_beams(self.decode)
+
+    # ---- hot-swap --------------------------------------------------------------------------
+
+    def check_stage_version(self, version: int) -> Transformer:
+        """The serving model, to stage beside; ValueError if that version is already loaded."""
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise ValueError(f"version must be an int, got {version!r}")
+        if version in self.models or version == self.serving_version:
+            raise ValueError(f"version {version} is already loaded; stage another version")
+        return self.models[self.serving_version]
+
+    def prepare_stage(
+        self, source: Transformer | Mapping[str, Tensor], version: int
+    ) -> StagedWeights:
+        """Phase 1, the slow part: load and check weights. Changes nothing in the engine."""
+        serving = self.check_stage_version(version)
+        return prepare(serving, source, version, self.config.swap_mode)
+
+    def install_stage(self, staged: StagedWeights) -> None:
+        """Phase 1, the quick part: keep the checked weights until commit or abort_stage."""
+        if self._commit is not None:
+            raise RuntimeError(
+                f"version {self._commit[0].version} is committed and waiting to flip; stage after it"
+            )
+        self._staged = staged
+
+    def stage(self, source: Transformer | Mapping[str, Tensor], version: int) -> float:
+        """Load and check new weights beside the serving ones; returns the seconds it took.
+        Raises ValueError (naming the tensor) on a mismatch; serving is untouched either way."""
+        staged = self.prepare_stage(source, version)
+        self.install_stage(staged)
+        return staged.stage_s
+
+    def commit(self, version: int) -> None:
+        """Phase 2: flip to the staged version at the next step boundary (drain mode: the first
+        boundary with no request of the old version left); stats()["serving_version"] says when."""
+        if self._staged is None or self._staged.version != version:
+            staged = None if self._staged is None else self._staged.version
+            raise ValueError(f"version {version} is not staged (staged: {staged}); stage it first")
+        self._commit, self._staged = (self._staged, time.monotonic()), None
+
+    def abort_stage(self) -> bool:
+        """Drop staged weights (or a commit still waiting to flip); True if there was one."""
+        dropped = self._staged is not None or self._commit is not None
+        self._staged = self._commit = None
+        return dropped
+
+    @property
+    def _draining(self) -> bool:
+        return self._commit is not None and self._commit[0].mode == "drain"
+
+    def _swap_boundary(self, now: float) -> None:
+        """At the start of a step: flip a committed version if its mode allows it now."""
+        if self._commit is None:
+            return
+        staged, committed_at = self._commit
+        old = self.serving_version
+        if staged.mode == "drain":
+            if any(r.version is not None for r in self.requests.values()):
+                return  # old-version requests still running: new ones wait (scheduler)
+            model = self.models.pop(old)
+            model.load_state_dict(staged.state_dict)  # type: ignore[arg-type]  # copies in place
+            self.models[staged.version] = model
+        else:
+            self.models[staged.version] = staged.model  # type: ignore[assignment]
+            self._retiring[old] = now
+        self.serving_version, self._commit = staged.version, None
+        self.last_swap = SwapReport(
+            staged.mode, old, staged.version, staged.stage_s, now - committed_at
+        )
+
+    def _retire_versions(self) -> None:
+        """Drop old weights (double mode) once no request uses them."""
+        live = {r.version for r in self.requests.values()}
+        for version in [v for v in self.models if v != self.serving_version and v not in live]:
+            del self.models[version]
+            since = self._retiring.pop(version, None)
+            if since is not None and self.last_swap is not None:
+                self.last_swap.overlap_s = time.monotonic() - since
+
+    # ---- observability ---------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """KV budget and use, queue, versions, swap cost: what the replica exports as metrics."""
+        bm, bs = self.blocks, self.config.block_size
+        fill: dict[int, int] = {}
+        for seq in self.scheduler.live_sequences():
+            for i, block in enumerate(seq.block_table):
+                fill[block] = max(fill.get(block, 0), min(bs, seq.num_computed - i * bs))
+        used_slots = bm.num_used * bs
+        live_tokens = sum(fill.values())
+        return {
+            "kv_budget_bytes": bm.num_blocks * bs * self.bytes_per_token,
+            "kv_bytes_per_token": self.bytes_per_token,
+            "block_size": bs,
+            "total_blocks": bm.num_blocks,
+            "used_blocks": bm.num_used,
+            "free_blocks": bm.num_free,
+            "cached_blocks": len(bm.cached),
+            "live_tokens": live_tokens,
+            "kv_utilization": live_tokens / used_slots if used_slots else 0.0,
+            "prefix_hit_tokens": bm.prefix_hit_tokens,
+            "prefix_query_tokens": bm.prefix_query_tokens,
+            "cow_copies": bm.num_cow_copies,
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_steps": self.num_steps,
+            "num_generated_tokens": self.num_generated,
+            "serving_version": self.serving_version,
+            "loaded_versions": sorted(self.models),
+            "staged_version": self._staged.version if self._staged else None,
+            "committing_version": self._commit[0].version if self._commit else None,
+            "swap_mode": self.config.swap_mode,
+            "last_swap": asdict(self.last_swap) if self.last_swap else None,
+            "batch_invariant": self.config.batch_invariant,
+        }
+
+
+__all__ = ["DTYPES", "EngineConfig", "LLMEngine", "QueueFull", "free_memory_bytes"]

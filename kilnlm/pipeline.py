@@ -1,0 +1,180 @@
+"""The in-process main job: corpus → tokenizer → train → evaluate against an n-gram → sample.
+
+This is what ``kiln run`` (and ``make run``) executes on one machine without Ray. Every stage is
+a call into the library; this module only sequences them, times them, and prints what a person
+wants to see: held-out perplexity and bits per byte of the neural model beside a count n-gram
+baseline on the same tokens, then generations under different sampling settings.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kilnlm.data import CorpusConfig, TokenShards, build_corpus, get_batch
+from kilnlm.eval import EvalResult, evaluate
+from kilnlm.generate import generate
+from kilnlm.model import ModelConfig, Transformer
+from kilnlm.ngram import NGramModel
+from kilnlm.sampling import SamplingParams
+from kilnlm.tokenizer import Tokenizer
+from kilnlm.train import TrainConfig, train
+
+PROMPTS = ("def read_config(path):\n", 'class Queue:\n    """', "import os\nimport sys\n\n")
+
+SAMPLING_SETTINGS: dict[str, SamplingParams] = {
+    "greedy": SamplingParams(temperature=0.0, max_tokens=48),
+    "T=0.7 top_p=0.9": SamplingParams(temperature=0.7, top_p=0.9, max_tokens=48, seed=0),
+    "T=1.0 top_k=40": SamplingParams(temperature=1.0, top_k=40, max_tokens=48, seed=0),
+    "beam 4": SamplingParams(temperature=0.0, num_beams=4, max_tokens=32),
+}
+
+
+@dataclass
+class LocalRunConfig:
+    """Settings of the in-process main job; defaults finish in a few minutes on 2 CPU cores."""
+
+    out_dir: str = "runs/local"
+    """Corpus, tokenizer, exported model and summary.json go here (the corpus is reused)."""
+    corpus: CorpusConfig = field(default_factory=lambda: CorpusConfig(max_bytes=6_000_000))
+    vocab_size: int = 4096
+    preset: str = "tiny-3m"
+    """Model preset (kilnlm.model.PRESETS); vocab_size and block_size follow the tokenizer / seq_len."""
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            lr=2e-3,
+            min_lr=2e-4,
+            warmup_steps=50,
+            max_steps=600,
+            batch_size=16,
+            seq_len=128,
+            weight_decay=0.1,
+            eval_every=200,
+            eval_batches=4,
+        )
+    )
+    time_budget_s: float = 300.0
+    """Stop training after this many seconds even if max_steps is not reached."""
+    ngram_orders: tuple[int, ...] = (2, 3, 4)
+    """The baseline is fitted at each order and reported at its best held-out order (fair to it)."""
+    eval_tokens: int = 200_000
+    """Held-out tokens scored (the first N of the held-out split)."""
+    threads: int = 0
+    """torch threads; 0 = all cores."""
+
+
+def run(cfg: LocalRunConfig, progress: bool = True) -> dict[str, Any]:
+    """Run every stage and return the summary (also written to out_dir/summary.json)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+    timings: dict[str, float] = {}
+
+    t = time.perf_counter()
+    manifest = build_corpus(cfg.corpus, out / "corpus", cfg.vocab_size, progress=progress)
+    tok = Tokenizer.load(out / "corpus")
+    train_ids, heldout_ids = (
+        TokenShards(out / "corpus", "train"),
+        TokenShards(out / "corpus", "heldout"),
+    )
+    timings["corpus_s"] = time.perf_counter() - t
+    _say(f"corpus: {manifest.stats.summary()}")
+    _say(f"tokens: train {len(train_ids):,}  held-out {len(heldout_ids):,}  vocab {tok.vocab_size}")
+
+    model, steps, timings["train_s"] = _train(cfg, tok, train_ids, progress)
+    heldout = heldout_ids.read(0, min(cfg.eval_tokens, len(heldout_ids))).astype(np.int64)
+    n_bytes = tok.count_bytes(heldout.tolist())
+
+    t = time.perf_counter()
+    neural = evaluate(model, heldout, n_bytes=n_bytes, seq_len=cfg.train.seq_len)
+    ngram_order, ngram = _best_ngram(cfg, train_ids, heldout, n_bytes)
+    timings["eval_s"] = time.perf_counter() - t
+    _print_comparison(neural, ngram, ngram_order)
+
+    model.save(
+        str(out / "model"),
+        tokenizer=tok,
+        version=1,
+        step=steps,
+        tokens_seen=steps * cfg.train.tokens_per_step,
+        heldout_loss=neural.mean_nll,
+    )
+    samples = _samples(model, tok)
+    summary = {
+        "neural": asdict(neural),
+        "ngram": asdict(ngram),
+        "ngram_order": ngram_order,
+        "steps": steps,
+        "params": model.num_params(),
+        "timings": timings,
+        "samples": samples,
+        "export": str(out / "model"),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _say(f"exported model to {out / 'model'}; summary in {out / 'summary.json'}")
+    return summary
+
+
+def _train(
+    cfg: LocalRunConfig, tok: Tokenizer, shards: TokenShards, progress: bool
+) -> tuple[Transformer, int, float]:
+    tc = cfg.train
+    torch.manual_seed(tc.seed)
+    model_cfg = ModelConfig.from_preset(
+        cfg.preset, vocab_size=tok.vocab_size, block_size=tc.seq_len
+    )
+    model = Transformer(model_cfg)
+    _say(
+        f"model: {cfg.preset}, {model.num_params() / 1e6:.2f}M parameters, "
+        f"{model.flops_per_token(tc.seq_len) / 1e6:.1f} MFLOPs/token"
+    )
+    deadline = time.monotonic() + cfg.time_budget_s
+    start = time.perf_counter()
+
+    def batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return get_batch(shards, tc.batch_size, tc.seq_len, step=i, seed=tc.seed)
+
+    metrics = train(
+        model, tc, batch, progress=progress, callback=lambda m: time.monotonic() > deadline
+    )
+    model.eval()
+    return model, len(metrics), time.perf_counter() - start
+
+
+def _best_ngram(
+    cfg: LocalRunConfig, train_ids: TokenShards, heldout: np.ndarray, n_bytes: int
+) -> tuple[int, EvalResult]:
+    ids = train_ids.read(0, len(train_ids)).astype(np.int64)
+    results = {}
+    for order in cfg.ngram_orders:
+        results[order] = NGramModel(order, train_ids.vocab_size).fit(ids).evaluate(heldout, n_bytes)
+    best = min(results, key=lambda o: results[o].perplexity)
+    return best, results[best]
+
+
+def _print_comparison(neural: EvalResult, ngram: EvalResult, order: int) -> None:
+    _say("held-out evaluation (same tokens, same tokenizer):")
+    _say(f"  {'model':<22}{'perplexity':>12}{'bits/byte':>12}{'mean NLL':>10}")
+    for name, r in (("transformer", neural), (f"{order}-gram Kneser-Ney", ngram)):
+        _say(f"  {name:<22}{r.perplexity:>12.2f}{r.bits_per_byte:>12.3f}{r.mean_nll:>10.3f}")
+
+
+def _samples(model: Transformer, tok: Tokenizer) -> list[dict[str, str]]:
+    out = []
+    for setting, params in SAMPLING_SETTINGS.items():
+        prompt = PROMPTS[len(out) % len(PROMPTS)]
+        result = generate(model, tok.encode(prompt), params, eos_id=tok.eos_id, decode=tok.decode)
+        text = result.text if result.text is not None else tok.decode(result.token_ids)
+        _say(f"\n--- {setting} ---\n{prompt}{text}")
+        out.append({"setting": setting, "prompt": prompt, "completion": text})
+    return out
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
