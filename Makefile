@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/kiln run
+	$(BIN)/kiln up --local --exit-after 0
 
 test: $(STAMP)
 	$(BIN)/ruff check kilnlm cluster actors tests bench protos

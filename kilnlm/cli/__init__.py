@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "kilnlm.cli.serving",  # serve, generate, chat, score
     "kilnlm.cli.training",  # train, sweep
     "kilnlm.cli.admin",  # up, status, promote, rollback
+    "kilnlm.cli.up",  # up: the main job
 )
 
 

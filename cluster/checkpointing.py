@@ -1,0 +1,442 @@
+"""Sharded training checkpoints (torch.distributed.checkpoint) and their export for serving.
+
+A training checkpoint is one folder that every rank writes a part of::
+
+    checkpoint-00000040-00000000/   (step 40, written by the attempt that resumed from step 0)
+      .metadata                     DCP's index of every tensor shard (rank 0)
+      __0_0.distcp, __1_0.distcp    each rank's shard of the model and of AdamW's moments
+      train_state-rank00000.json    step, tokens seen, data position, RNG state (one per rank)
+      model_config.json             the ModelConfig (rank 0): lets a checkpoint be exported alone
+      manifest-rank00000.json       sha256 + size of each file that rank wrote, written last
+
+Under Ray Train each rank writes its part into a local temporary folder and ``ray.train.report``
+merges the parts into the run's storage folder. The per-rank manifests make the merged folder
+checkable: ``verify_checkpoint`` wants one manifest per rank and every listed file intact, and
+names the first file that is not. A checkpoint that fails is never resumed from or exported:
+``find_resume_checkpoint`` falls back to the newest older one that passes.
+
+Why the data position is just the step: ``kilnlm.data.get_batch`` is a pure function of
+(step, rank, seed), so restoring the step restores the sampler. The learning-rate schedule is a
+pure function of the step too (``kilnlm.train.lr_at``). Only the RNG state needs storing; it is
+kept as base64 JSON, so nothing in a checkpoint is ever unpickled.
+
+An export (``model.safetensors`` + ``config.json`` + ``tokenizer.json`` + ``manifest.json``) is
+written by ``kilnlm.checkpoint.export_state_dict``, which writes beside the target and renames, so
+a half-written export is never visible.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from kilnlm.checkpoint import (
+    CheckpointError,
+    FileEntry,
+    IncompleteCheckpointError,
+    Manifest,
+    export_state_dict,
+)
+from kilnlm.model import ModelConfig, Transformer
+
+log = logging.getLogger(__name__)
+
+METADATA = ".metadata"
+MODEL_CONFIG = "model_config.json"
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{8})-(\d{8})$")
+EXPORTS = "exports"
+
+
+def checkpoint_dir_name(step: int, resumed_from: int) -> str:
+    """Unique per (step, attempt): a restart that re-saves a step never overwrites a folder that
+    Ray Train still tracks (and may delete when it rotates old checkpoints)."""
+    return f"checkpoint-{step:08d}-{resumed_from:08d}"
+
+
+def export_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def train_state_name(rank: int) -> str:
+    return f"train_state-rank{rank:05d}.json"
+
+
+def rank_manifest_name(rank: int) -> str:
+    return f"manifest-rank{rank:05d}.json"
+
+
+# --------------------------------------------------------------------------------------------
+# What besides the tensors a resumed run needs
+
+
+@dataclass
+class TrainState:
+    """The non-tensor state of one rank after ``step`` optimiser steps."""
+
+    step: int
+    """Completed optimiser steps: the next step to run. Also the LR schedule's position."""
+    tokens_seen: int
+    """Tokens consumed by all ranks so far."""
+    data_position: int
+    """Next micro-batch index for get_batch (= step · grad_accum_steps)."""
+    world_size: int
+    grad_accum_steps: int
+    seed: int
+    resumed_from: int
+    """Step the attempt that wrote this checkpoint started from (0 for a fresh run)."""
+    heldout_loss: float | None = None
+    """Held-out loss of these weights, when it was measured at this step."""
+    cpu_rng: str = ""
+    """torch's CPU generator state, base64."""
+    cuda_rng: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainState:
+        return cls(**json.loads(text))
+
+
+def capture_rng(device: torch.device) -> tuple[str, str | None]:
+    """(cpu, cuda) generator states as base64 strings."""
+    cpu = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
+    cuda = None
+    if device.type == "cuda":
+        cuda = base64.b64encode(torch.cuda.get_rng_state(device).numpy().tobytes()).decode()
+    return cpu, cuda
+
+
+def restore_rng(state: TrainState, device: torch.device) -> None:
+    if state.cpu_rng:
+        torch.set_rng_state(_bytes_tensor(state.cpu_rng))
+    if state.cuda_rng and device.type == "cuda":
+        torch.cuda.set_rng_state(_bytes_tensor(state.cuda_rng), device)
+
+
+def _bytes_tensor(b64: str) -> Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(b64)), dtype=torch.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# Save and load (collective: every rank calls these)
+
+
+def save_sharded(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    rank: int,
+    model_config: ModelConfig | None = None,
+) -> None:
+    """Write this rank's part of a checkpoint into ``path``; the manifest goes last."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+    (path / train_state_name(rank)).write_text(state.to_json())
+    if rank == 0 and model_config is not None:
+        (path / MODEL_CONFIG).write_text(json.dumps(model_config.to_dict(), indent=2))
+    write_rank_manifest(path, rank, state)
+
+
+def load_sharded(
+    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int
+) -> TrainState:
+    """Load model and optimizer (resharding if the world size changed); return this rank's state.
+
+    A rank that did not exist when the checkpoint was written takes rank 0's step and counters.
+    """
+    path = Path(path)
+    model_sd, optim_sd = get_state_dict(model, optimizer)  # allocates AdamW state to load into
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+    )
+    own = path / train_state_name(rank)
+    return TrainState.from_json((own if own.is_file() else path / train_state_name(0)).read_text())
+
+
+def rank_files(path: Path, rank: int) -> list[str]:
+    """The files of ``path`` that ``rank`` wrote (the folder may be shared with other ranks)."""
+    own = {train_state_name(rank)} | ({METADATA, MODEL_CONFIG} if rank == 0 else set())
+    return sorted(
+        p.name
+        for p in path.iterdir()
+        if p.is_file() and (p.name in own or p.name.startswith(f"__{rank}_"))
+    )
+
+
+def write_rank_manifest(path: Path, rank: int, state: TrainState) -> None:
+    files = {
+        name: FileEntry(_sha256(path / name), (path / name).stat().st_size)
+        for name in rank_files(path, rank)
+    }
+    fields = {"kind": "sharded", "rank": rank, "world_size": state.world_size, "step": state.step}
+    manifest = Manifest(files=files, fields=fields)
+    tmp = path / f".{rank_manifest_name(rank)}.tmp"
+    tmp.write_text(json.dumps(manifest.to_dict(), indent=2))
+    os.replace(tmp, path / rank_manifest_name(rank))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Verification and choosing what to resume from
+
+
+def verify_checkpoint(path: str | Path) -> TrainState:
+    """Check every rank's manifest and every file it lists; return rank 0's TrainState.
+
+    Raises ``IncompleteCheckpointError`` when a manifest or a listed file is missing (a save or
+    an upload that did not finish) and ``ChecksumError`` naming the first file whose size or
+    sha256 differs; both are ``kilnlm.checkpoint.CheckpointError``.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise IncompleteCheckpointError(f"checkpoint {path} does not exist")
+    first = _rank_manifest(path, 0)
+    world_size = int(first.fields["world_size"])
+    for rank in range(world_size):
+        manifest = first if rank == 0 else _rank_manifest(path, rank)
+        for name in sorted(manifest.files):
+            manifest.check(path, name)
+    if METADATA not in first.files:
+        raise IncompleteCheckpointError(f"{path / rank_manifest_name(0)} does not list {METADATA}")
+    return TrainState.from_json((path / train_state_name(0)).read_text())
+
+
+def _rank_manifest(path: Path, rank: int) -> Manifest:
+    file = path / rank_manifest_name(rank)
+    if not file.is_file():
+        raise IncompleteCheckpointError(
+            f"{file} is missing: rank {rank} did not finish saving or uploading this checkpoint; "
+            "resume from an earlier one"
+        )
+    # Same format as an export's manifest.json (kilnlm.checkpoint.Manifest), under the rank's name.
+    try:
+        return Manifest.from_dict(json.loads(file.read_text()))
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(
+            f"{file} is not a valid manifest ({e}); resume from an earlier checkpoint"
+        ) from e
+
+
+def parse_checkpoint_name(name: str) -> tuple[int, int] | None:
+    """(step, resumed_from) of a checkpoint folder name, None for anything else."""
+    m = CHECKPOINT_RE.match(name)
+    return (int(m[1]), int(m[2])) if m else None
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The run's checkpoint folders, newest step first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(parse_checkpoint_name(p.name), p) for p in run_dir.iterdir() if p.is_dir()]
+    return [p for key, p in sorted((k, p) for k, p in found if k is not None)[::-1]]
+
+
+@dataclass
+class ResumePoint:
+    path: Path
+    state: TrainState
+    skipped: list[str]
+    """Why each newer checkpoint was refused (each message names the bad file)."""
+
+
+def find_resume_checkpoint(latest: str | Path, run_dir: str | Path | None = None) -> ResumePoint:
+    """``latest`` if it verifies, else the newest intact checkpoint at or before its step.
+
+    Raises CheckpointError (listing every refusal) when no checkpoint of the run is intact:
+    starting over silently would waste the run, so the user must decide.
+    """
+    latest = Path(latest)
+    run_dir = Path(run_dir) if run_dir is not None else latest.parent
+    key = parse_checkpoint_name(latest.name)
+    older = [p for p in list_checkpoints(run_dir) if p != latest]
+    if key is not None:
+        older = [p for p in older if (parse_checkpoint_name(p.name) or (0, 0))[0] <= key[0]]
+    skipped: list[str] = []
+    for candidate in [latest, *older]:
+        try:
+            return ResumePoint(candidate, verify_checkpoint(candidate), skipped)
+        except CheckpointError as e:
+            log.warning("not resuming from %s: %s", candidate, e)
+            skipped.append(f"{candidate.name}: {e}")
+    raise CheckpointError(
+        f"no intact checkpoint in {run_dir} (" + "; ".join(skipped) + "); delete the run folder "
+        "or launch under a new ClusterConfig.name to start over"
+    )
+
+
+@contextlib.contextmanager
+def local_copy(uri: str) -> Iterator[Path]:
+    """A local folder with the contents of ``uri``: the folder itself when it is local, else a
+    temporary download (pyarrow understands s3://, gs://, ...)."""
+    if "://" not in uri or uri.startswith("file://"):
+        yield Path(uri.removeprefix("file://"))
+        return
+    import pyarrow.fs
+
+    tmp = Path(tempfile.mkdtemp(prefix="kilnlm-ckpt-"))
+    try:
+        pyarrow.fs.copy_files(uri, str(tmp))
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Export for serving
+
+
+def gather_full_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The unsharded state dict on rank 0 (CPU), empty on other ranks. Collective: all ranks call."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
+
+
+class Exporter:
+    """Writes exports on a background thread of rank 0, one at a time, then calls the hook.
+
+    Training goes on while the safetensors file is written and hashed; the next ``submit`` (or
+    ``close``) waits for the previous export, so at most one full copy of the weights is held.
+    """
+
+    def __init__(
+        self,
+        exports_uri: str,
+        model_config: ModelConfig,
+        tokenizer: Any = None,
+        hook: Callable[[str], None] | None = None,
+    ) -> None:
+        self.exports_uri, self.model_config = exports_uri, model_config
+        self.tokenizer, self.hook = tokenizer, hook
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kilnlm-export")
+        self._pending: Future[str] | None = None
+        self.exported: list[str] = []
+        self.hook_errors: list[str] = []
+
+    def submit(self, state_dict: dict[str, Tensor], step: int, **fields: Any) -> None:
+        self.wait()
+        self._pending = self._pool.submit(self._export, state_dict, step, fields)
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            self.exported.append(self._pending.result())
+            self._pending = None
+
+    def close(self) -> None:
+        self.wait()
+        self._pool.shutdown()
+
+    def _export(self, state_dict: dict[str, Tensor], step: int, fields: dict[str, Any]) -> str:
+        uri = f"{self.exports_uri.rstrip('/')}/{export_dir_name(step)}"
+        write_export(
+            uri, state_dict, self.model_config, self.tokenizer, version=step, step=step, **fields
+        )
+        if self.hook is not None:
+            try:
+                self.hook(uri)
+            except Exception as e:  # registration is best effort: training must go on
+                log.warning("checkpoint hook failed for %s: %s", uri, e)
+                self.hook_errors.append(f"{uri}: {e}")
+        return uri
+
+
+def write_export(
+    uri: str, state_dict: dict[str, Tensor], config: ModelConfig, tokenizer: Any, **fields: Any
+) -> None:
+    """Export to a local folder atomically, or to a remote URI with the manifest uploaded last."""
+    if "://" not in uri or uri.startswith("file://"):
+        export_state_dict(state_dict, config, uri.removeprefix("file://"), tokenizer, **fields)
+        return
+    import pyarrow.fs
+
+    with tempfile.TemporaryDirectory(prefix="kilnlm-export-") as tmp:
+        local = Path(tmp) / "export"
+        export_state_dict(state_dict, config, local, tokenizer, **fields)
+        manifest = local / "manifest.json"
+        staged = Path(tmp) / "manifest.json"
+        shutil.move(manifest, staged)  # readers treat a folder without manifest as unfinished
+        pyarrow.fs.copy_files(str(local), uri)
+        pyarrow.fs.copy_files(str(staged), f"{uri}/manifest.json")
+
+
+def export_checkpoint(
+    checkpoint_dir: str | Path, out_dir: str | Path, tokenizer: Any = None, **fields: Any
+) -> Path:
+    """Consolidate a sharded checkpoint into an export, in one process, after verifying it.
+
+    A checkpoint that fails verification raises (naming the file) and nothing is written.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    state = verify_checkpoint(checkpoint_dir)
+    config_file = checkpoint_dir / MODEL_CONFIG
+    if not config_file.is_file():
+        raise IncompleteCheckpointError(
+            f"{checkpoint_dir} has no {MODEL_CONFIG}; cannot rebuild the model"
+        )
+    config = ModelConfig.from_dict(json.loads(config_file.read_text()))
+    model_sd = Transformer(config).state_dict()
+    with warnings.catch_warnings():  # one process reading every shard is the point here
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.load({"model": model_sd}, checkpoint_id=str(checkpoint_dir))
+    defaults = {
+        "version": state.step,
+        "step": state.step,
+        "tokens_seen": state.tokens_seen,
+        "heldout_loss": state.heldout_loss,
+    }
+    return export_state_dict(model_sd, config, out_dir, tokenizer, **{**defaults, **fields})
+
+
+__all__ = [
+    "Exporter",
+    "ResumePoint",
+    "TrainState",
+    "capture_rng",
+    "checkpoint_dir_name",
+    "export_checkpoint",
+    "find_resume_checkpoint",
+    "gather_full_state_dict",
+    "list_checkpoints",
+    "load_sharded",
+    "local_copy",
+    "restore_rng",
+    "save_sharded",
+    "verify_checkpoint",
+    "write_export",
+]

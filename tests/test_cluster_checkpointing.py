@@ -1,0 +1,295 @@
+"""kilnlm.cluster pieces that need no Ray: sharded checkpoints, checksums, export, metrics, configs.
+
+The checkpoint tests save real torch.distributed.checkpoint folders from one process (DCP needs no
+process group for that), so they run in a second; the multi-rank path is covered in test_cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from kilnlm.cluster.checkpointing import (
+    CheckpointError,
+    Exporter,
+    TrainState,
+    capture_rng,
+    checkpoint_dir_name,
+    export_checkpoint,
+    find_resume_checkpoint,
+    load_sharded,
+    restore_rng,
+    save_sharded,
+    verify_checkpoint,
+)
+from kilnlm.cluster.config import ClusterConfig, JobConfig, load_job, resolve_grad_accum
+from kilnlm.cluster.metrics import History, cuda_peak_tflops, mfu, write_csv
+
+from kilnlm.checkpoint import ChecksumError, IncompleteCheckpointError, load, verify_manifest
+from kilnlm.model import ModelConfig, Transformer
+from kilnlm.train import TrainConfig, build_optimizer, train_step
+
+CFG = ModelConfig.from_preset("test-1m", vocab_size=128, block_size=32)
+# One process saving a DCP checkpoint is what these tests do on purpose.
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+TRAIN = TrainConfig(lr=1e-2, min_lr=1e-3, warmup_steps=1, max_steps=6, batch_size=2, seq_len=16)
+
+
+def batch(step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(step)
+    data = torch.randint(0, CFG.vocab_size, (TRAIN.batch_size, TRAIN.seq_len + 1), generator=g)
+    return [(data[:, :-1], data[:, 1:])]
+
+
+def fresh(seed: int = 0) -> tuple[Transformer, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = Transformer(CFG)
+    return model, build_optimizer(model, TRAIN)
+
+
+def state_at(step: int, world_size: int = 1) -> TrainState:
+    cpu, _ = capture_rng(torch.device("cpu"))
+    return TrainState(step, step * 32, step, world_size, 1, 0, 0, heldout_loss=1.5, cpu_rng=cpu)
+
+
+def run_steps(model: Transformer, opt: torch.optim.Optimizer, steps: range) -> list[float]:
+    return [train_step(model, opt, batch(s), TRAIN, s).loss for s in steps]
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> tuple[Path, list[float]]:
+    """A run dir with checkpoints after steps 2 and 4, and the losses of 6 uninterrupted steps."""
+    model, opt = fresh()
+    losses = run_steps(model, opt, range(2))
+    save_sharded(tmp_path / checkpoint_dir_name(2, 0), model, opt, state_at(2), 0, CFG)
+    losses += run_steps(model, opt, range(2, 4))
+    save_sharded(tmp_path / checkpoint_dir_name(4, 0), model, opt, state_at(4), 0, CFG)
+    losses += run_steps(model, opt, range(4, 6))
+    return tmp_path, losses
+
+
+def test_resume_from_a_sharded_checkpoint_is_bit_exact(saved: tuple[Path, list[float]]) -> None:
+    run_dir, losses = saved
+    model, opt = fresh(seed=123)  # different init: everything must come from the checkpoint
+    state = load_sharded(run_dir / checkpoint_dir_name(4, 0), model, opt, rank=0)
+    assert state.step == 4 and state.heldout_loss == 1.5
+    assert run_steps(model, opt, range(4, 6)) == losses[4:]
+
+
+def test_rng_state_round_trips() -> None:
+    cpu, _ = capture_rng(torch.device("cpu"))
+    expected = torch.rand(3)
+    torch.rand(5)
+    restore_rng(TrainState(0, 0, 0, 1, 1, 0, 0, cpu_rng=cpu), torch.device("cpu"))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_corrupted_shard_is_detected_and_named(saved: tuple[Path, list[float]]) -> None:
+    ckpt = saved[0] / checkpoint_dir_name(4, 0)
+    assert verify_checkpoint(ckpt).step == 4
+    flip_byte(ckpt / "__0_0.distcp")
+    with pytest.raises(ChecksumError, match=r"__0_0.distcp") as info:
+        verify_checkpoint(ckpt)
+    assert info.value.file == "__0_0.distcp"
+
+
+def test_truncated_and_half_written_checkpoints_are_refused(
+    saved: tuple[Path, list[float]],
+) -> None:
+    ckpt = saved[0] / checkpoint_dir_name(4, 0)
+    metadata = ckpt / ".metadata"
+    metadata.write_bytes(metadata.read_bytes()[:-10])
+    with pytest.raises(ChecksumError, match=r"\.metadata"):
+        verify_checkpoint(ckpt)
+    (ckpt / "manifest-rank00000.json").unlink()  # the manifest is written last: save never finished
+    with pytest.raises(IncompleteCheckpointError, match=r"manifest-rank00000\.json"):
+        verify_checkpoint(ckpt)
+
+
+def test_a_rank_whose_part_never_arrived_is_named(tmp_path: Path) -> None:
+    model, opt = fresh()
+    save_sharded(tmp_path / "ckpt", model, opt, state_at(1, world_size=2), 0, CFG)  # rank 1 absent
+    with pytest.raises(IncompleteCheckpointError, match=r"manifest-rank00001\.json"):
+        verify_checkpoint(tmp_path / "ckpt")
+
+
+def test_resume_skips_a_corrupted_latest_checkpoint(saved: tuple[Path, list[float]]) -> None:
+    run_dir, _ = saved
+    latest = run_dir / checkpoint_dir_name(4, 0)
+    flip_byte(latest / "train_state-rank00000.json")
+    point = find_resume_checkpoint(latest)
+    assert point.path.name == checkpoint_dir_name(2, 0) and point.state.step == 2
+    assert len(point.skipped) == 1 and "train_state-rank00000.json" in point.skipped[0]
+    flip_byte(run_dir / checkpoint_dir_name(2, 0) / "__0_0.distcp")
+    with pytest.raises(CheckpointError, match="no intact checkpoint"):
+        find_resume_checkpoint(latest)
+
+
+def test_export_of_a_sharded_checkpoint_matches_the_model(
+    saved: tuple[Path, list[float]], tmp_path: Path
+) -> None:
+    run_dir, _ = saved
+    model, opt = fresh(seed=7)
+    load_sharded(run_dir / checkpoint_dir_name(4, 0), model, opt, rank=0)
+    out = export_checkpoint(run_dir / checkpoint_dir_name(4, 0), tmp_path / "export")
+    manifest = verify_manifest(out)
+    assert manifest.fields["step"] == 4 and manifest.fields["version"] == 4
+    assert manifest.fields["heldout_loss"] == 1.5
+    x = torch.randint(0, CFG.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(load(out)(x), model.eval()(x))
+
+
+def test_a_corrupted_checkpoint_is_never_exported(
+    saved: tuple[Path, list[float]], tmp_path: Path
+) -> None:
+    ckpt = saved[0] / checkpoint_dir_name(4, 0)
+    flip_byte(ckpt / "__0_0.distcp")
+    with pytest.raises(ChecksumError, match=r"__0_0.distcp"):
+        export_checkpoint(ckpt, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+
+
+def test_exporter_writes_in_the_background_and_calls_the_hook_in_order(tmp_path: Path) -> None:
+    model, _ = fresh()
+    calls: list[str] = []
+    exporter = Exporter(str(tmp_path / "exports"), CFG, hook=calls.append)
+    for step in (5, 10):
+        exporter.submit(model.state_dict(), step, tokens_seen=step * 64, heldout_loss=2.0)
+    exporter.close()
+    assert (
+        calls == exporter.exported == [str(tmp_path / "exports" / f"step-{s:08d}") for s in (5, 10)]
+    )
+    fields = verify_manifest(calls[1]).fields
+    assert fields == {"version": 10, "step": 10, "tokens_seen": 640, "heldout_loss": 2.0}
+
+
+def test_a_failing_hook_is_recorded_not_fatal(tmp_path: Path) -> None:
+    def broken(uri: str) -> None:
+        raise RuntimeError("registry down")
+
+    exporter = Exporter(str(tmp_path), CFG, hook=broken)
+    exporter.submit(fresh()[0].state_dict(), 1)
+    exporter.close()
+    assert len(exporter.exported) == 1 and "registry down" in exporter.hook_errors[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+
+
+def test_history_keeps_each_step_once_after_a_rewind(tmp_path: Path) -> None:
+    history = History()
+    for step, loss in [(1, 5.0), (2, 4.0), (3, 3.9), (2, 4.0), (3, 3.0), (4, 2.5)]:
+        history.add({"step": step, "loss": loss})
+    assert history.steps == [1, 2, 3, 4]
+    assert history.column("loss") == [5.0, 4.0, 3.0, 2.5]  # the surviving attempt's values
+    assert history.rewinds == [2]
+    path = write_csv(
+        [{"step": 1, "loss": 5.0}, {"step": 2, "loss": 4.0, "heldout_loss": 4.5}],
+        tmp_path / "m.csv",
+    )
+    assert path.read_text().splitlines() == ["step,loss,heldout_loss", "1,5.0,", "2,4.0,4.5"]
+
+
+def test_mfu_worked_example_and_peak_table() -> None:
+    # 6·1e9 FLOPs/token at 1e5 tokens/s on one 989-TFLOPS H100 = 0.0607% ... of peak
+    assert mfu(6e9, 1e5, 989.0) == pytest.approx(6e14 / 989e12)
+    assert mfu(6e9, 1e5, None) is None
+    assert cuda_peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0
+    assert cuda_peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
+    assert cuda_peak_tflops("NVIDIA A100-SXM4-80GB", "bf16") == 312.0
+    assert cuda_peak_tflops("Some Future GPU", "bf16") is None
+
+
+# --------------------------------------------------------------------------------------------
+# Configs
+
+
+def test_global_batch_in_tokens_sets_grad_accumulation() -> None:
+    train = TrainConfig(batch_size=4, seq_len=128)
+    cc = ClusterConfig(workers=2, global_batch_tokens=4096)
+    assert resolve_grad_accum(train, cc, 2).grad_accum_steps == 4  # 4096 / (2·4·128)
+    with pytest.raises(ValueError, match=r"global_batch_tokens.*1024"):
+        resolve_grad_accum(train, ClusterConfig(workers=2, global_batch_tokens=1500), 2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"workers": 0}, "workers"),
+        ({"cpus_per_worker": 0}, "cpus_per_worker"),
+        ({"checkpoint_upload": "later"}, "checkpoint_upload"),
+        ({"global_batch_tokens": 0}, "global_batch_tokens"),
+        ({"workers": 2, "drill_kill_rank": 2}, "drill_kill_rank"),
+        ({"name": "a/b"}, "name"),
+    ],
+)
+def test_cluster_config_errors_name_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=f"ClusterConfig.{field}"):
+        ClusterConfig(**kwargs)
+
+
+def test_job_file_tables_override_the_job_defaults_and_flags_override_the_file(
+    tmp_path: Path,
+) -> None:
+    from kilnlm.cli import build_parser
+    from kilnlm.cli.training import job_from_args
+
+    path = tmp_path / "job.toml"
+    path.write_text(
+        'preset = "test-1m"\n[train]\nlr = 0.01\n[cluster]\nworkers = 3\n[model]\nn_layer = 3\n'
+    )
+    job = load_job(path)
+    assert job.train.lr == 0.01 and job.train.max_steps == JobConfig().train.max_steps
+    assert job.cluster.workers == 3 and job.model == {"n_layer": 3}
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--config",
+            str(path),
+            "--workers",
+            "2",
+            "--max-steps",
+            "70",
+            "--objective",
+            "mlm",
+            "--n-embd",
+            "64",
+        ]
+    )
+    assert isinstance(args, argparse.Namespace)
+    job = job_from_args(args)
+    assert (job.cluster.workers, job.train.max_steps, job.train.lr) == (2, 70, 0.01)
+    model = job.model_config(vocab_size=300)
+    assert (model.n_layer, model.n_embd, model.vocab_size, model.causal) == (3, 64, 300, False)
+    path.write_text("[train]\nlearning_rate = 1\n")
+    with pytest.raises(ValueError, match="learning_rate"):
+        load_job(path)
+
+
+def test_copying_a_checkpoint_folder_keeps_it_valid(
+    saved: tuple[Path, list[float]], tmp_path: Path
+) -> None:
+    """What Ray's upload does (a copy into storage) must not break verification."""
+    copy = tmp_path / "copy"
+    shutil.copytree(saved[0] / checkpoint_dir_name(2, 0), copy)
+    assert verify_checkpoint(copy).step == 2
+    manifest = json.loads((copy / "manifest-rank00000.json").read_text())
+    assert set(manifest["files"]) == {
+        ".metadata",
+        "__0_0.distcp",
+        "model_config.json",
+        "train_state-rank00000.json",
+    }

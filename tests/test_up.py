@@ -1,0 +1,151 @@
+"""`kiln up`, the main job, for real: Ray Train workers, the orchestrator, Serve replicas, gRPC.
+
+One end-to-end run of ``kilnlm.actors.loop.run_up`` with tiny settings (test-1m, 24 steps, a
+checkpoint every 8) inside the session's Ray: the trainer's hook registers each export, the
+orchestrator validates and auto-promotes it into 2 empty replicas, the watcher asks each new
+version for a greedy generation through gRPC, and background streams run throughout. The
+assertions are the main job's promises: at least two promotions, perplexity falling across
+them, zero failed requests, a complete summary, and nothing left deployed afterwards.
+
+The other tests check the `kiln up --cluster` side without a cluster: the flags the job's
+`kiln up` on the head receives parse back to the same settings.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from kilnlm.cluster.config import ClusterConfig, JobConfig
+
+from kilnlm.cli import build_parser
+from kilnlm.train import TrainConfig
+
+APP = "kiln-test-up"
+STEPS, EVERY = 24, 8
+
+
+@pytest.fixture(scope="module")
+def summary(ray_cluster, tiny_corpus, tmp_path_factory):
+    from kilnlm.actors.loop import LoadConfig, UpConfig, default_serve, run_up
+
+    train = TrainConfig(
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_steps=2,
+        max_steps=STEPS,
+        batch_size=4,
+        seq_len=64,
+        eval_every=EVERY,
+        eval_batches=2,
+        log_every=4,
+        checkpoint_every=EVERY,
+    )
+    cluster = ClusterConfig(
+        workers=2,
+        storage_path=str(tmp_path_factory.mktemp("up")),
+        name="up",
+        progress=False,
+        max_failures=0,
+    )
+    job = JobConfig(
+        preset="test-1m",
+        model={"block_size": 128},
+        train=train,
+        cluster=cluster,
+        data_dir=str(tiny_corpus),
+    )
+    config = UpConfig(
+        job=job,
+        serve=replace(default_serve(), port=0, app_name=APP),
+        load=LoadConfig(clients=2, max_tokens=16),
+        prompt_tokens=16,
+        exit_after=0,
+    )
+    lines: list[str] = []
+    return run_up(config, say=lines.append), lines
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_up_promotes_every_improving_checkpoint_and_fails_no_request(summary) -> None:
+    result, _ = summary
+    assert result.training_error is None
+    assert result.settled
+    assert [r.step for r in result.versions] == list(range(EVERY, STEPS + 1, EVERY))
+    assert len(result.promoted) >= 2
+    assert result.perplexity_falling
+    assert result.requests_failed == 0, result.failures
+    assert result.requests_served > 0
+    assert set(result.requests_by_version) <= set(result.promoted)
+    assert result.ok
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_summary_has_a_perplexity_and_a_swap_time_per_promoted_version(summary) -> None:
+    result, lines = summary
+    for row in result.versions:
+        if row.version in result.promoted:
+            assert row.perplexity is not None and row.perplexity > 1
+            assert 0 < row.swap_s <= row.registered_to_serving_s
+    text = result.format()
+    assert f"{result.requests_served} served, 0 failed" in text
+    assert text in lines  # printed, not only returned
+    saved = json.loads((Path(result.run_dir) / "up-summary.json").read_text())
+    assert saved["promoted"] == result.promoted
+    assert saved["perplexity_falling"] is True
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_each_promotion_is_shown_with_a_generation_from_that_version(summary) -> None:
+    result, lines = summary
+    for g in result.generations:
+        # pinned to its version: either that version answered, or it was already superseded
+        assert g["served_by"] == g["version"] or g["error"].startswith("superseded"), g
+    assert any(g["served_by"] == result.promoted[-1] for g in result.generations)
+    assert sum("promoted: held-out ppl" in line for line in lines) == len(result.promoted)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_up_removes_what_it_deployed_and_leaves_ray_running(summary, ray_cluster) -> None:
+    from kilnlm.actors.orchestrator import get_orchestrator
+    from ray import serve
+
+    assert ray_cluster.is_initialized()
+    assert APP not in serve.status().applications
+    with pytest.raises(ValueError):
+        get_orchestrator(APP)
+
+
+# --------------------------------------------------------------------------------------------
+# kiln up --cluster: what the job on the head receives
+
+
+def test_cluster_flags_reach_the_job_unchanged() -> None:
+    from kilnlm.cli.up import forwarded_flags, job_from_args
+
+    parser = build_parser()
+    flags = "--max-steps 100 --no-progress --source a --source b --exit-after 30 --storage-path /k"
+    here = parser.parse_args(["up", "--cluster", "http://127.0.0.1:8265", *flags.split()])
+    sent = forwarded_flags(here)
+    assert "--cluster" not in sent and "--config" not in sent
+    head = parser.parse_args(["up", "--ray-address", "auto", *sent])
+    for name in ("max_steps", "progress", "source", "exit_after", "storage_path"):
+        assert getattr(head, name) == getattr(here, name), name
+    job = job_from_args(head)
+    assert (job.train.max_steps, job.cluster.progress) == (100, False)
+    assert job.cluster.storage_path == "/k"
+
+
+def test_object_store_storage_is_refused_naming_the_field() -> None:
+    from kilnlm.actors.loop import UpConfig, default_job
+
+    job = default_job()
+    job = replace(job, cluster=replace(job.cluster, storage_path="s3://bucket/kiln"))
+    with pytest.raises(ValueError, match="storage_path"):
+        UpConfig(job=job)
