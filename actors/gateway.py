@@ -37,6 +37,14 @@ from google.protobuf import message as pb_message
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    RequestCancelledError,
+)
+
 from kilnlm.actors.protocol import (
     AbortedError,
     DeadlineExceededError,
@@ -51,14 +59,6 @@ from kilnlm.actors.protocol import (
     VersionUnavailableError,
     merge_chunks,
 )
-from ray import serve
-from ray.exceptions import RayActorError, RayTaskError
-from ray.serve.exceptions import (
-    BackPressureError,
-    DeploymentUnavailableError,
-    RequestCancelledError,
-)
-
 from kilnlm.engine import EngineDead, QueueFull
 from kilnlm.generate import TokenLogprob
 from kilnlm.proto import admin_pb2, generation_pb2

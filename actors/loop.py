@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 from kilnlm.cluster.config import ClusterConfig, JobConfig
-
 from kilnlm.engine import EngineConfig
 from kilnlm.serving_config import ServeConfig
 from kilnlm.train import TrainConfig
@@ -730,6 +729,7 @@ def check_no_foreign_orchestrator(config: UpConfig) -> None:
     """Refuse to adopt a running orchestrator of the same application that holds another run's
     checkpoints (a detached actor outlives its job): its registry is not this run's."""
     import ray
+
     from kilnlm.actors.orchestrator import get_orchestrator
 
     try:

@@ -41,6 +41,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+
+from kilnlm import checkpoint
 from kilnlm.actors.registry import (
     CheckpointRecord,
     Registry,
@@ -63,8 +65,6 @@ from kilnlm.actors.swap_agent import (
     local_path,
     orchestrator_name,
 )
-
-from kilnlm import checkpoint
 from kilnlm.checkpoint import CheckpointError
 from kilnlm.eval import evaluate
 from kilnlm.generate import generate

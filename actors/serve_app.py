@@ -13,11 +13,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from kilnlm.actors.gateway import Gateway
-from kilnlm.actors.server import LLMServer
 from ray import serve
 from ray.serve.config import ProxyLocation
 
+from kilnlm.actors.gateway import Gateway
+from kilnlm.actors.server import LLMServer
 from kilnlm.serving_config import ServeConfig
 
 

@@ -20,6 +20,9 @@ import time
 from collections.abc import AsyncIterator
 
 import torch
+from ray import serve
+from ray.util import metrics
+
 from kilnlm.actors.protocol import (
     GenerationChunk,
     GenerationRequest,
@@ -29,9 +32,6 @@ from kilnlm.actors.protocol import (
 )
 from kilnlm.actors.serving_model import ServingModel
 from kilnlm.actors.swap_agent import SwapAgent
-from ray import serve
-from ray.util import metrics
-
 from kilnlm.serving_config import ServeConfig
 
 METRICS_PERIOD_S = 1.0

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 import torch
+
+from kilnlm import checkpoint
 from kilnlm.actors.protocol import (
     AbortedError,
     DeadlineExceededError,
@@ -34,8 +36,6 @@ from kilnlm.actors.protocol import (
     VersionUnavailableError,
     merge_chunks,
 )
-
-from kilnlm import checkpoint
 from kilnlm.chat import encode_chat
 from kilnlm.engine import AsyncLLMEngine, EngineConfig, LLMEngine, RequestOutput
 from kilnlm.engine.engine import DTYPES

@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from kilnlm.actors.serving_model import ServingModel
-
 from kilnlm.checkpoint import CheckpointError
 from kilnlm.eval import token_logprobs
 

@@ -25,6 +25,9 @@ from typing import Any
 
 import ray
 import ray.train
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train.torch import TorchConfig, TorchTrainer
+
 from kilnlm.cluster.config import (
     ClusterConfig,
     JobConfig,
@@ -35,9 +38,6 @@ from kilnlm.cluster.config import (
 from kilnlm.cluster.hooks import CheckpointHook, hook_from_config
 from kilnlm.cluster.metrics import History, TensorBoardLog, plot_loss, write_csv
 from kilnlm.cluster.worker import WorkerSpec, train_loop_per_worker
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
-from ray.train.torch import TorchConfig, TorchTrainer
-
 from kilnlm.data import CorpusManifest, build_corpus
 from kilnlm.model import ModelConfig
 

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
+
 from kilnlm.cluster.checkpointing import (
     EXPORTS,
     Exporter,
@@ -42,8 +44,6 @@ from kilnlm.cluster.config import ClusterConfig, join_uri
 from kilnlm.cluster.hooks import CheckpointHook
 from kilnlm.cluster.metrics import device_peak_tflops, mfu
 from kilnlm.cluster.parallelize import build_mesh, local_fraction, parallelize
-from torch import Tensor
-
 from kilnlm.data import TokenShards, get_batch, steps_per_epoch
 from kilnlm.mlm import MaskingConfig, evaluate_mlm, mask_tokens, mlm_generator
 from kilnlm.model import ModelConfig, Transformer, flops_per_token

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from kilnlm.checkpoint import ChecksumError, load, verify_manifest
 from kilnlm.cluster.checkpointing import (
     export_checkpoint,
     find_resume_checkpoint,
@@ -25,8 +27,6 @@ from kilnlm.cluster.checkpointing import (
 )
 from kilnlm.cluster.config import ClusterConfig, JobConfig
 from kilnlm.cluster.launcher import RunResult, launch
-
-from kilnlm.checkpoint import ChecksumError, load, verify_manifest
 from kilnlm.data import CorpusConfig, build_corpus
 from kilnlm.train import TrainConfig, lr_at
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from kilnlm.checkpoint import ChecksumError, IncompleteCheckpointError, load, verify_manifest
 from kilnlm.cluster.checkpointing import (
     CheckpointError,
     Exporter,
@@ -28,8 +30,6 @@ from kilnlm.cluster.checkpointing import (
 )
 from kilnlm.cluster.config import ClusterConfig, JobConfig, load_job, resolve_grad_accum
 from kilnlm.cluster.metrics import History, cuda_peak_tflops, mfu, write_csv
-
-from kilnlm.checkpoint import ChecksumError, IncompleteCheckpointError, load, verify_manifest
 from kilnlm.model import ModelConfig, Transformer
 from kilnlm.train import TrainConfig, build_optimizer, train_step
 

@@ -6,8 +6,8 @@ import math
 from pathlib import Path
 
 import pytest
-from kilnlm.cluster.sweep import SweepConfig, format_sweep, model_for_budget, run_sweep
 
+from kilnlm.cluster.sweep import SweepConfig, format_sweep, model_for_budget, run_sweep
 from kilnlm.data import CorpusConfig, build_corpus
 from kilnlm.model import num_params
 from kilnlm.scaling import compute_optimal

@@ -280,8 +280,9 @@ def test_serve_gateway_resources_pin_the_gateway_to_the_head() -> None:
 
 def build(config: Any) -> Any:
     """Serve's own build step (no cluster needed): the app's deployments with their options."""
-    from kilnlm.actors import serve_app
     from ray.serve._private.build_app import build_app
+
+    from kilnlm.actors import serve_app
 
     return build_app(serve_app.build_app(config), name=config.app_name)
 

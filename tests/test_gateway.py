@@ -19,6 +19,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from ray.exceptions import RayTaskError
+from serving_utils import LoopThread, make_checkpoint, wait_until
+
+from kilnlm import checkpoint
 from kilnlm.actors.gateway import (
     invalid_utf8_field,
     sampling_from_proto,
@@ -33,10 +37,6 @@ from kilnlm.actors.protocol import (
     VersionUnavailableError,
 )
 from kilnlm.actors.serving_model import ServingModel
-from ray.exceptions import RayTaskError
-from serving_utils import LoopThread, make_checkpoint, wait_until
-
-from kilnlm import checkpoint
 from kilnlm.client import AsyncClient, Client
 from kilnlm.engine import EngineConfig, QueueFull
 from kilnlm.eval import token_logprobs

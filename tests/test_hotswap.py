@@ -54,9 +54,10 @@ class Setup:
 @pytest.fixture(scope="module")
 def setup(ray_cluster, tmp_path_factory):
     import ray
+    from ray import serve
+
     from kilnlm.actors import serve_app
     from kilnlm.actors.orchestrator import OrchestratorConfig, start_orchestrator
-    from ray import serve
 
     root = tmp_path_factory.mktemp("hotswap")
     ckpts = {f"v{i}": make_checkpoint(root / f"v{i}", version=i, seed=i) for i in (1, 2, 3, 4)}

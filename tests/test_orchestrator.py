@@ -20,6 +20,9 @@ from typing import Any
 import grpc
 import pytest
 import torch
+from serving_utils import TEXT
+
+from kilnlm import checkpoint
 from kilnlm.actors.orchestrator import (
     CheckpointRejected,
     NotFoundError,
@@ -35,9 +38,6 @@ from kilnlm.actors.orchestrator import (
 from kilnlm.actors.registry import Registry, RegistryError, Validation
 from kilnlm.actors.serving_model import ServingModel
 from kilnlm.actors.swap_agent import DirectLink, Hello, SwapAgent
-from serving_utils import TEXT
-
-from kilnlm import checkpoint
 from kilnlm.checkpoint import save_pretrained
 from kilnlm.engine import EngineConfig
 from kilnlm.eval import evaluate
@@ -430,7 +430,6 @@ def test_rollback_waits_for_streams_still_on_the_old_weights(tmp_path, ckpts):
     """v1 is still finishing a stream when v2 takes over; rolling back to v1 at once must wait
     for that stream (the engine cannot stage weights it still holds) instead of failing."""
     from kilnlm.actors.protocol import GenerationRequest
-
     from kilnlm.sampling import SamplingParams
 
     async def body(c: Cluster) -> None:

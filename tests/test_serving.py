@@ -40,8 +40,9 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def address(ray_cluster, ckpt):
-    from kilnlm.actors import serve_app
     from ray import serve
+
+    from kilnlm.actors import serve_app
 
     config = ServeConfig(
         checkpoint=str(ckpt), port=0, app_name=APP, health_poll_s=0.1, engine=ENGINE,

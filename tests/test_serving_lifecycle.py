@@ -36,8 +36,9 @@ def ckpts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def address(ray_cluster):
-    from kilnlm.actors import serve_app
     from ray import serve
+
+    from kilnlm.actors import serve_app
 
     yield serve_app.run(CONFIG)
     serve.delete(APP)

@@ -18,9 +18,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from kilnlm.cluster.config import ClusterConfig, JobConfig
 
 from kilnlm.cli import build_parser
+from kilnlm.cluster.config import ClusterConfig, JobConfig
 from kilnlm.train import TrainConfig
 
 APP = "kiln-test-up"
@@ -113,8 +113,9 @@ def test_each_promotion_is_shown_with_a_generation_from_that_version(summary) ->
 @pytest.mark.ray
 @pytest.mark.slow
 def test_up_removes_what_it_deployed_and_leaves_ray_running(summary, ray_cluster) -> None:
-    from kilnlm.actors.orchestrator import get_orchestrator
     from ray import serve
+
+    from kilnlm.actors.orchestrator import get_orchestrator
 
     assert ray_cluster.is_initialized()
     assert APP not in serve.status().applications

@@ -15,8 +15,8 @@ COMMAND_MODULES = (
     "kilnlm.cli.library",  # run, plan, eval, sample
     "kilnlm.cli.serving",  # serve, generate, chat, score
     "kilnlm.cli.training",  # train, sweep
-    "kilnlm.cli.admin",  # up, status, promote, rollback
-    "kilnlm.cli.up",  # up: the main job
+    "kilnlm.cli.admin",  # status, promote, rollback
+    "kilnlm.cli.up",  # up (the main job)
 )
 
 

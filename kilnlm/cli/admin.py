@@ -30,7 +30,6 @@ STATE_NAMES = {
 
 
 def register(subparsers: Any) -> None:
-    # `kiln up` (the main job) registers here too, from its own function, when it lands.
     _register_status(subparsers)
     _register_promote(subparsers)
     _register_rollback(subparsers)
