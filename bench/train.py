@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from kilnlm.cluster.checkpointing import (
     TrainState,
     export_checkpoint,
@@ -42,7 +43,6 @@ from kilnlm.cluster.checkpointing import (
     verify_checkpoint,
 )
 from kilnlm.cluster.config import ClusterConfig, JobConfig
-
 from kilnlm.data import CorpusConfig, CorpusManifest, TokenShards, build_corpus, get_batch
 from kilnlm.model import ModelConfig, Transformer, num_params
 from kilnlm.train import TrainConfig, build_optimizer, train, train_step
