@@ -102,8 +102,21 @@ def hf_reference(logits: torch.Tensor, p: SamplingParams, prev: list[int]) -> to
     return x[0]
 
 
-def assert_same_filter(ours: torch.Tensor, ref: torch.Tensor) -> None:
-    """The -inf sets match exactly; finite values to 1e-6."""
+def assert_same_filter(ours: torch.Tensor, ref: torch.Tensor, ties: bool = False) -> None:
+    """The -inf sets match exactly; finite values to 1e-6.
+
+    With ties, HF's top-p sorts with an unstable sort, so which member of a group of equal
+    logits straddling the cut-off it drops is up to the sort; ours is stable (deterministic and
+    batch-invariant). Then the same number of tokens must survive with the same values.
+    """
+    if ties:
+        assert int(torch.isinf(ours).sum()) == int(torch.isinf(ref).sum())
+        kept, kept_ref = (
+            ours[torch.isfinite(ours)].sort().values,
+            ref[torch.isfinite(ref)].sort().values,
+        )
+        torch.testing.assert_close(kept, kept_ref, rtol=1e-6, atol=1e-6)
+        return
     assert torch.equal(torch.isinf(ours), torch.isinf(ref)), (
         f"removed sets differ at {torch.nonzero(torch.isinf(ours) != torch.isinf(ref)).tolist()}"
     )
@@ -139,13 +152,12 @@ def test_process_logits_matches_transformers_row_by_row(ties: bool) -> None:
     logits = torch.randn(B, V, generator=g) * 3
     if ties:  # few distinct values: ties at the top-k / top-p / min-p boundaries
         logits = torch.round(logits) / 2
-    prev = [
-        torch.randint(0, V, (int(n),), generator=g).tolist() for n in torch.randint(1, 12, (B,))
-    ]
+    lengths = torch.randint(1, 12, (B,), generator=g).tolist()  # own generator: reproducible
+    prev = [torch.randint(0, V, (n,), generator=g).tolist() for n in lengths]
     ours = process_logits(logits, ROW_PARAMS, prev)
     assert ours.dtype == torch.float32
     for row, p in enumerate(ROW_PARAMS):
-        assert_same_filter(ours[row], hf_reference(logits[row], p, prev[row]))
+        assert_same_filter(ours[row], hf_reference(logits[row], p, prev[row]), ties)
 
 
 def test_filters_actually_filter() -> None:
@@ -154,6 +166,14 @@ def test_filters_actually_filter() -> None:
     params = [SamplingParams(top_k=5), SamplingParams(top_p=0.3), SamplingParams(min_p=1.0)]
     kept = torch.isfinite(process_logits(logits, params)).sum(-1).tolist()
     assert kept[0] == 5 and 1 <= kept[1] < V and kept[2] == 1
+
+
+def test_top_p_tie_at_the_cut_off_drops_lower_ids_first() -> None:
+    """Worked example of our (stable, deterministic) tie rule: four equal tokens, top_p 0.5:
+    cumulative 0.25, 0.5, 0.75, 1 in id order, so ids 0 and 1 (cumulative <= 1 - 0.5) go;
+    with top_p 0.6 only id 0 (cumulative <= 0.4) goes."""
+    out = process_logits(torch.zeros(2, 4), [SamplingParams(top_p=0.5), SamplingParams(top_p=0.6)])
+    assert torch.isinf(out).tolist() == [[True, True, False, False], [True, False, False, False]]
 
 
 def test_bf16_logits_are_filtered_in_float32() -> None:
