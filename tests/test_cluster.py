@@ -219,9 +219,11 @@ def test_restart_gives_bit_identical_losses(reference, resumed) -> None:
 def test_killed_worker_resumes_from_the_checkpoint_without_lost_or_repeated_steps(resumed) -> None:
     second = resumed[1]
     assert (Path(second.run_uri) / f"drill-killed-{K + 3}").is_file()  # rank 1 really died
-    # Steps K+1 and K+2 were reported before the kill and again after the restart from step K:
-    # the history went back to K+1 once and holds every step exactly once.
-    assert second.rewinds == [K + 1]
+    # Steps K+1 and K+2 were reported before the kill and again after the restart from step K.
+    # If their reports reached the driver before the kill, the history went back to K+1 once;
+    # on a loaded machine they can die with the worker group unseen, and then nothing rewinds.
+    # Either way the history holds every step exactly once (next assert).
+    assert second.rewinds in ([], [K + 1])
     assert [r["step"] for r in second.history] == list(range(K + 1, STEPS + 1))
     assert second.worker_result["resumed_from"] == K and second.worker_result["final_step"] == STEPS
 
