@@ -1,7 +1,7 @@
 """Serving benchmarks, side by side on the same weights in one run.
 
-    python bench/serving.py                          # small-10m, ~6 min on 2 busy cores
-    python bench/serving.py --preset tiny-3m --repeats 5 --json /tmp/serving.json
+    python bench/serving.py                 # small-10m: ~4 min on 2 cores at load ~3, ~11 at ~15
+    python bench/serving.py --parts 1 --preset base-100m --vocab-size 16384 --kernels library
 
 One random-init model of a preset (vocabulary from a BPE tokenizer trained on the standard
 library's sources), exported with ``kilnlm.checkpoint.save_pretrained``; every path below loads
@@ -16,15 +16,17 @@ every request generates exactly the number of tokens asked for on every path (eq
       one left-padded batch of the same prompts;
    d. ``transformers`` ``generate_batch`` (its continuous batching), explicitly sized.
    a/c is the serving speed-up over the reference (goal >= 2), a/b the gateway's overhead
-   (goal >= 0.85). The CPU seconds of every process (client, gateway, replica) are read from
-   /proc around each run, to show where the time goes.
+   (goal >= 0.85). Run twice: every request asking for ``--new-tokens`` (the brief's case),
+   then mixed lengths (log-uniform 8 .. 2x), where one padded batch must run every row to the
+   longest and only each request's own tokens count. The CPU seconds of every process
+   (client, gateway, replica) are read from /proc around each run: where the time goes.
 2. Continuous vs static batching (in-process engine) under Poisson arrivals with mixed prompt
    and output lengths. Static = the same engine, but a batch is admitted only when the engine is
    empty and ``--static-batch`` requests wait (or no more will come); the batch then runs to
-   completion, so only the batching policy differs. Throughput, p50/p99 TTFT and latency. The
-   arrival rate is ``--load`` times the engine's own capacity on this workload (measured first
+   completion, so only the batching policy differs. Throughput, p50/p99 TTFT and latency, with
+   every request arriving at once, then at Poisson times. The arrival rate is ``--load`` times the engine's own capacity on this workload (measured first
    with every request arriving at once), unless ``--rate`` is given.
-3. KV memory, from the continuous run of 2: share of the reserved (referenced) KV blocks' slots
+3. KV memory, from the continuous runs of 2 (all at once: full load; Poisson): share of the reserved (referenced) KV blocks' slots
    holding live tokens, at every step, against contiguous per-request allocation of the same
    live requests reserving the whole context (``max_len``) or, at best, prompt + max_tokens.
 4. Prefix reuse: time to first token of requests sharing a 512-token system prompt, prefix
@@ -91,7 +93,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kernels", nargs="+", choices=list(KERNELS), default=list(KERNELS))
     p.add_argument("--kv-mib", type=float, default=64, help="engine KV budget")
     p.add_argument(
-        "--parts", nargs="+", choices=["1", "2", "4"], default=["1", "2", "4"], help="2 gives 3"
+        "--parts",
+        nargs="+",
+        choices=["1", "2", "4"],
+        default=["1", "2", "4"],
+        help="which parts to run (part 3 comes with part 2)",
     )
     g = p.add_argument_group("1. throughput")
     g.add_argument("--repeats", type=int, default=3, help="interleaved runs per path")
@@ -346,7 +352,7 @@ def throughput(args: argparse.Namespace, setup: Setup, apps: dict[str, App]) -> 
             )
         return out
 
-    for run in tqdm(paths([8] * 8).values(), desc="warm-up", unit="path"):
+    for run in tqdm(paths([8] * min(8, len(ids))).values(), desc="warm-up", unit="path"):
         run()
     rng = random.Random(args.seed + 2)
     workloads = {
