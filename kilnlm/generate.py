@@ -161,23 +161,35 @@ def _logprob_entry(lp: Any, j: int, token: int, n: int | None) -> TokenLogprob |
     return TokenLogprob(token_id=token, logprob=float(lp.chosen[j]), top=top)
 
 
-def _cut_at_stop_string(row: _Row, decode: Decode) -> bool:
-    """If a stop string appeared, cut text before it and ids to the tokens wholly before it.
+def cut_at_stop_string(
+    ids: list[int], stops: Sequence[str], decode: Decode
+) -> tuple[int, str, str] | None:
+    """Where generation stops if a stop string appeared: (ids to keep, the stop, the text).
 
-    The text is checked after every token, so the earliest occurrence is found on the step
-    that completes it. A token that straddles the stop string's start is dropped from the
-    ids while the text keeps its leading part, so ``text`` may run a little past
-    decode(token_ids) (vLLM behaves the same way).
+    The text is cut before the earliest stop string and the ids to the tokens wholly before it.
+    A token that straddles the stop string's start is dropped from the ids while the text keeps
+    its leading part, so the text may run a little past decode(ids[:keep]) (vLLM does the same).
+    The engine and this module both call it, so streamed and reference output cut alike.
     """
-    text = decode(row.out)
-    hits = [(text.find(s), k, s) for k, s in enumerate(row.params.stop) if s in text]
+    text = decode(ids)
+    hits = [(text.find(s), k, s) for k, s in enumerate(stops) if s in text]
     if not hits:
-        return False
+        return None
     start, _, stop = min(hits)
     text = text[:start]
-    keep = len(row.out)
-    while keep > 0 and not text.startswith(decode(row.out[:keep])):
+    keep = len(ids)
+    while keep > 0 and not text.startswith(decode(ids[:keep])):
         keep -= 1
+    return keep, stop, text
+
+
+def _cut_at_stop_string(row: _Row, decode: Decode) -> bool:
+    """Apply ``cut_at_stop_string`` to a row (checked after every token, so the earliest
+    occurrence is found on the step that completes it)."""
+    cut = cut_at_stop_string(row.out, row.params.stop, decode)
+    if cut is None:
+        return False
+    keep, stop, text = cut
     row.out, row.logprobs = row.out[:keep], row.logprobs[:keep]
     row.finish, row.stop_reason, row.text = "stop", stop, text
     return True

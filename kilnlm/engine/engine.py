@@ -35,7 +35,7 @@ from kilnlm.engine.paged_cache import PagedCache
 from kilnlm.engine.request import FinishReason, Request, RequestOutput
 from kilnlm.engine.scheduler import Chunk, Scheduler
 from kilnlm.engine.weights import StagedWeights, SwapMode, SwapReport, prepare
-from kilnlm.generate import Decode, TokenLogprob, _BeamSearch
+from kilnlm.generate import BeamSearch, Decode, TokenLogprob
 from kilnlm.model import Transformer, kv_cache_bytes_per_token
 from kilnlm.sampling import SamplingParams, process_logits, sample, token_logprobs
 
@@ -209,7 +209,7 @@ class LLMEngine:
             deadline=deadline,
         )
         if request.is_beam:
-            request.beam = _BeamSearch(prompt, params, self.eos_id)
+            request.beam = BeamSearch(prompt, params, self.eos_id)
         self.requests[request_id] = request
         self.scheduler.add(request)
 

@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 
 from kilnlm.engine.block_manager import Sequence
-from kilnlm.generate import Decode, TokenLogprob, _BeamSearch
+from kilnlm.generate import BeamSearch, Decode, TokenLogprob, cut_at_stop_string
 from kilnlm.sampling import SamplingParams
 
 FinishReason = Literal["eos", "stop", "length", "abort", "deadline"]
@@ -60,7 +60,7 @@ class Request:
     version: int | None = None
     """Fixed when first scheduled; a preempted request keeps it (and its weights)."""
     seqs: list[Sequence] = field(default_factory=list)
-    beam: _BeamSearch | None = None
+    beam: BeamSearch | None = None
     output: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     num_emitted: int = 0
@@ -107,15 +107,10 @@ class Request:
     def _cut_at_stop_string(self, decode: Decode) -> bool:
         """As ``kilnlm.generate``: cut text before the earliest stop string, ids to the tokens
         wholly before it."""
-        text = decode(self.output)
-        hits = [(text.find(s), k, s) for k, s in enumerate(self.params.stop) if s in text]
-        if not hits:
+        cut = cut_at_stop_string(self.output, self.params.stop, decode)
+        if cut is None:
             return False
-        start, _, stop = min(hits)
-        text = text[:start]
-        keep = len(self.output)
-        while keep > 0 and not text.startswith(decode(self.output[:keep])):
-            keep -= 1
+        keep, stop, text = cut
         self.output, self.logprobs = self.output[:keep], self.logprobs[:keep]
         self.finish_reason, self.stop_reason, self.final_text = "stop", stop, text
         return True

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from kilnlm.engine.block_manager import BlockManager, Sequence
 from kilnlm.engine.request import Request
-from kilnlm.generate import _BeamSearch
+from kilnlm.generate import BeamSearch
 
 
 @dataclass
@@ -158,7 +158,7 @@ class Scheduler:
             self.blocks.free_seq(seq)
         if request.is_beam:  # beam search restarts (deterministically) from the prompt
             request.seqs = []
-            request.beam = _BeamSearch(request.prompt, request.params, self.eos_id)
+            request.beam = BeamSearch(request.prompt, request.params, self.eos_id)
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
