@@ -134,8 +134,14 @@ class JobConfig:
         ModelConfig.from_preset(self.preset, **self.model)  # fail early, naming the bad field
 
     def model_config(self, vocab_size: int) -> ModelConfig:
-        """The model to train; mlm forces a bidirectional model (a causal one cannot see the right)."""
-        overrides = {**self.model, "vocab_size": vocab_size}
+        """The model to train; mlm forces a bidirectional model (a causal one cannot see the right).
+
+        Unless the ``model`` table sets ``block_size``, the context is the training sequence
+        length (as torchtitan's max_seq_len): positions a model never trained on are not ones
+        it should be evaluated or served at, and a preset's longer block_size would let the
+        gate and the server use them.
+        """
+        overrides = {"block_size": self.train.seq_len, **self.model, "vocab_size": vocab_size}
         if self.train.objective == "mlm":
             overrides["causal"] = False
         return ModelConfig.from_preset(self.preset, **overrides)

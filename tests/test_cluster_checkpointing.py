@@ -279,6 +279,19 @@ def test_job_file_tables_override_the_job_defaults_and_flags_override_the_file(
         load_job(path)
 
 
+def test_the_model_context_is_the_trained_sequence_length_unless_set() -> None:
+    """A preset's longer block_size would let the gate and the server use untrained positions."""
+    job = JobConfig(preset="tiny-3m", train=TrainConfig(seq_len=96, warmup_steps=1, max_steps=2))
+    assert ModelConfig.from_preset("tiny-3m").block_size != 96
+    assert job.model_config(vocab_size=300).block_size == 96
+    explicit = JobConfig(
+        preset="tiny-3m",
+        model={"block_size": 512},
+        train=TrainConfig(seq_len=96, warmup_steps=1, max_steps=2),
+    )
+    assert explicit.model_config(vocab_size=300).block_size == 512
+
+
 def test_copying_a_checkpoint_folder_keeps_it_valid(
     saved: tuple[Path, list[float]], tmp_path: Path
 ) -> None:
