@@ -21,7 +21,7 @@ from kilnlm.data import CorpusConfig, TokenShards, build_corpus, get_batch
 from kilnlm.eval import EvalResult, evaluate
 from kilnlm.generate import generate
 from kilnlm.model import ModelConfig, Transformer
-from kilnlm.ngram import NGramModel
+from kilnlm.ngram import Baseline, best_baseline
 from kilnlm.sampling import SamplingParams
 from kilnlm.tokenizer import Tokenizer
 from kilnlm.train import TrainConfig, train
@@ -93,9 +93,9 @@ def run(cfg: LocalRunConfig, progress: bool = True) -> dict[str, Any]:
 
     t = time.perf_counter()
     neural = evaluate(model, heldout, n_bytes=n_bytes, seq_len=cfg.train.seq_len)
-    ngram_order, ngram = _best_ngram(cfg, train_ids, heldout, n_bytes)
+    ngram = _ngram(cfg, train_ids, heldout, n_bytes)
     timings["eval_s"] = time.perf_counter() - t
-    _print_comparison(neural, ngram, ngram_order)
+    _print_comparison(neural, ngram)
 
     model.save(
         str(out / "model"),
@@ -108,8 +108,10 @@ def run(cfg: LocalRunConfig, progress: bool = True) -> dict[str, Any]:
     samples = _samples(model, tok)
     summary = {
         "neural": asdict(neural),
-        "ngram": asdict(ngram),
-        "ngram_order": ngram_order,
+        "ngram": asdict(ngram.result),
+        "ngram_order": ngram.order,
+        "ngram_by_order": {str(k): asdict(r) for k, r in ngram.by_order.items()},
+        "beats_ngram": neural.perplexity < ngram.result.perplexity,
         "steps": steps,
         "params": model.num_params(),
         "timings": timings,
@@ -147,22 +149,21 @@ def _train(
     return model, len(metrics), time.perf_counter() - start
 
 
-def _best_ngram(
+def _ngram(
     cfg: LocalRunConfig, train_ids: TokenShards, heldout: np.ndarray, n_bytes: int
-) -> tuple[int, EvalResult]:
-    ids = train_ids.read(0, len(train_ids)).astype(np.int64)
-    results = {}
-    for order in cfg.ngram_orders:
-        results[order] = NGramModel(order, train_ids.vocab_size).fit(ids).evaluate(heldout, n_bytes)
-    best = min(results, key=lambda o: results[o].perplexity)
-    return best, results[best]
+) -> Baseline:
+    train = train_ids.read(0, len(train_ids))
+    return best_baseline(train, heldout, n_bytes, train_ids.vocab_size, cfg.ngram_orders)
 
 
-def _print_comparison(neural: EvalResult, ngram: EvalResult, order: int) -> None:
+def _print_comparison(neural: EvalResult, ngram: Baseline) -> None:
     _say("held-out evaluation (same tokens, same tokenizer):")
     _say(f"  {'model':<22}{'perplexity':>12}{'bits/byte':>12}{'mean NLL':>10}")
-    for name, r in (("transformer", neural), (f"{order}-gram Kneser-Ney", ngram)):
+    for name, r in (("transformer", neural), (ngram.name, ngram.result)):
         _say(f"  {name:<22}{r.perplexity:>12.2f}{r.bits_per_byte:>12.3f}{r.mean_nll:>10.3f}")
+    verdict = "beats" if neural.perplexity < ngram.result.perplexity else "does NOT beat"
+    orders = ", ".join(str(k) for k in ngram.by_order)
+    _say(f"  the transformer {verdict} the best n-gram (orders {orders} tried)")
 
 
 def _samples(model: Transformer, tok: Tokenizer) -> list[dict[str, str]]:

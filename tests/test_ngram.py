@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from kilnlm.eval import EvalResult
-from kilnlm.ngram import NGramModel
+from kilnlm.ngram import NGramModel, best_baseline
 
 
 def reference_kneser_ney(train: list[int], order: int, V: int, discounts: list[float]):
@@ -122,6 +122,20 @@ def test_smoothing_helps_held_out_text_and_bits_per_byte_is_consistent():
     r = results[1]
     assert r.tokens == len(held) - 1
     assert r.bits_per_byte == pytest.approx(r.mean_nll * r.tokens / math.log(2) / len(held))
+
+
+def test_best_baseline_keeps_the_order_that_scores_best_on_held_out_text():
+    train, held = stdlib_bytes("decoder.py"), stdlib_bytes("encoder.py")
+    baseline = best_baseline(train, held, len(held), 256, orders=(4, 1, 2))
+    assert list(baseline.by_order) == [1, 2, 4]
+    for k, r in baseline.by_order.items():  # each order is the plain model's own result
+        assert r == NGramModel(k, 256).fit(train).evaluate(held, len(held))
+    best = min(baseline.by_order.values(), key=lambda r: r.perplexity)
+    assert baseline.result == best and baseline.by_order[baseline.order] == best
+    assert baseline.order != 1  # bytes of source code: a unigram is never the best
+    assert baseline.name == f"{baseline.order}-gram Kneser-Ney"
+    with pytest.raises(ValueError, match="orders"):
+        best_baseline(train, held, len(held), 256, orders=())
 
 
 def test_bad_input_is_rejected_with_a_reason():
