@@ -102,6 +102,11 @@ class OrchestratorConfig:
     fraction (0.05: 5 % worse)."""
     heldout_max_tokens: int = 4096
     """Held-out tokens the gate scores (the first ones): bounds validation time."""
+    heldout_stride: float = 0.5
+    """Scoring windows of the model's context advance by this fraction of it: 1 is
+    non-overlapping (cheapest, but a window's first tokens have almost no context); 0.5 gives
+    every token after the first window at least half a context, at twice the cost (the strided
+    perplexity of kilnlm.eval)."""
     smoke_prompt: str = "The"
     smoke_tokens: int = 16
     canary: bool = False
@@ -144,6 +149,8 @@ class OrchestratorConfig:
         for name in ("heldout_max_tokens", "canary_tokens", "smoke_tokens", "torch_threads"):
             if getattr(self, name) < (2 if "tokens" in name else 1):
                 raise ValueError(f"{name} must be >= 2, got {getattr(self, name)}")
+        if not 0 < self.heldout_stride <= 1:
+            raise ValueError(f"heldout_stride must be in (0, 1], got {self.heldout_stride}")
         for name in ("stage_timeout_s", "commit_timeout_s", "poll_timeout_s", "num_cpus"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -253,7 +260,9 @@ def run_gate(path: str, config: OrchestratorConfig) -> GateResult:
         return GateResult(False, f"load: {e}")
     try:
         ids, n_bytes = heldout_ids(config.heldout, tokenizer, config.heldout_max_tokens)
-        result = evaluate(model, ids, n_bytes)
+        context = model.config.block_size
+        stride = max(1, int(context * config.heldout_stride))
+        result = evaluate(model, ids, n_bytes, seq_len=context, stride=stride)
     except (ValueError, OSError, RuntimeError) as e:
         return GateResult(False, f"held-out evaluation: {e}")
     if not math.isfinite(result.perplexity):

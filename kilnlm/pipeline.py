@@ -65,8 +65,26 @@ class LocalRunConfig:
     """The baseline is fitted at each order and reported at its best held-out order (fair to it)."""
     eval_tokens: int = 200_000
     """Held-out tokens scored (the first N of the held-out split)."""
+    eval_stride: float = 0.5
+    """Scoring windows advance by this fraction of seq_len (as the orchestrator's gate): every
+    token after the first window is predicted from at least half a context."""
     threads: int = 0
     """torch threads; 0 = all cores."""
+
+    def __post_init__(self) -> None:
+        self.ngram_orders = tuple(self.ngram_orders)  # TOML and JSON give lists
+        checks = [
+            ("time_budget_s", self.time_budget_s > 0, "> 0"),
+            ("eval_tokens", self.eval_tokens >= 2, ">= 2"),
+            ("eval_stride", 0 < self.eval_stride <= 1, "in (0, 1]"),
+            ("threads", self.threads >= 0, ">= 0 (0: all cores)"),
+            ("ngram_orders", all(k >= 1 for k in self.ngram_orders), "orders >= 1"),
+        ]
+        for name, ok, want in checks:
+            if not ok:
+                raise ValueError(
+                    f"LocalRunConfig.{name} must be {want}, got {getattr(self, name)!r}"
+                )
 
 
 def run(cfg: LocalRunConfig, progress: bool = True) -> dict[str, Any]:
@@ -92,7 +110,9 @@ def run(cfg: LocalRunConfig, progress: bool = True) -> dict[str, Any]:
     n_bytes = tok.count_bytes(heldout.tolist())
 
     t = time.perf_counter()
-    neural = evaluate(model, heldout, n_bytes=n_bytes, seq_len=cfg.train.seq_len)
+    L = cfg.train.seq_len
+    stride = max(1, int(L * cfg.eval_stride))
+    neural = evaluate(model, heldout, n_bytes=n_bytes, seq_len=L, stride=stride)
     ngram = _ngram(cfg, train_ids, heldout, n_bytes)
     timings["eval_s"] = time.perf_counter() - t
     _print_comparison(neural, ngram)

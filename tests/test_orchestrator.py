@@ -14,6 +14,7 @@ import math
 import os
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +168,8 @@ async def promoted_cluster(c: Cluster, ckpts: dict[str, Path], n: int = 2) -> in
         ({"policy": "sometimes"}, "policy"),
         ({"max_ppl_increase": -0.1}, "max_ppl_increase"),
         ({"heldout_max_tokens": 1}, "heldout_max_tokens"),
+        ({"heldout_stride": 0}, "heldout_stride"),
+        ({"heldout_stride": 1.5}, "heldout_stride"),
         ({"stage_timeout_s": 0}, "stage_timeout_s"),
         ({"replica_timeout_s": 1.0, "poll_timeout_s": 2.0}, "replica_timeout_s"),
         ({"keep_last": -1}, "keep_last"),
@@ -265,13 +268,20 @@ def test_lineage_rollback_and_retention_never_touch_promoted_or_rollback_target(
 # Validation gate
 
 
-def test_gate_measures_the_same_perplexity_as_eval(tmp_path, ckpts, tokenizer):
-    cfg = config(tmp_path, ckpts)
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_gate_measures_the_same_perplexity_as_eval(tmp_path, ckpts, tokenizer, fraction):
+    cfg = replace(config(tmp_path, ckpts), heldout_stride=fraction)
     gate = run_gate(str(ckpts["v1"]), cfg)
     assert gate.ok, gate.reason
     model = checkpoint.load(ckpts["v1"])
     ids = [tokenizer.bos_id, *tokenizer.encode(ckpts["heldout"].read_text())][:4096]
-    reference = evaluate(model, ids, tokenizer.count_bytes(ids))
+    context = model.config.block_size
+    assert len(ids) > context  # more than one window: the stride changes the windows
+    stride = None if fraction == 1.0 else int(context * fraction)  # None: eval's default
+    reference = evaluate(model, ids, tokenizer.count_bytes(ids), stride=stride)
+    if stride is not None:
+        plain = evaluate(model, ids, tokenizer.count_bytes(ids))
+        assert plain.perplexity != pytest.approx(reference.perplexity, rel=1e-6)
     assert gate.validation.perplexity == pytest.approx(reference.perplexity, rel=1e-6)
     assert gate.validation.bits_per_byte == pytest.approx(reference.bits_per_byte, rel=1e-6)
     assert gate.validation.tokens == len(ids) - 1

@@ -58,7 +58,7 @@ def test_the_summary_scores_both_models_on_the_same_held_out_tokens(finished) ->
     assert summary["ngram"]["perplexity"] == pytest.approx(ppl[best])
     assert sorted(int(k) for k in summary["ngram_by_order"]) == list(cfg.ngram_orders)
     model = kilnlm.load(summary["export"])
-    neural = evaluate(model, ids, n_bytes=n_bytes, seq_len=cfg.train.seq_len)
+    neural = evaluate(model, ids, n_bytes=n_bytes, seq_len=64, stride=32)  # eval_stride 0.5
     assert summary["neural"]["perplexity"] == pytest.approx(neural.perplexity, rel=1e-5)
     assert summary["neural"]["tokens"] == summary["ngram"]["tokens"] == len(ids) - 1
     assert summary["beats_ngram"] == (neural.perplexity < ppl[best])
@@ -75,3 +75,12 @@ def test_it_prints_both_models_with_bits_per_byte_and_samples_each_setting(
     assert "bits/byte" in printed
     assert "transformer" in printed and "-gram Kneser-Ney" in printed
     assert "the best n-gram (orders 1, 2, 3 tried)" in printed
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("time_budget_s", 0), ("eval_tokens", 1), ("eval_stride", 0), ("ngram_orders", (0, 2))],
+)
+def test_bad_settings_are_refused_naming_the_field(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=f"LocalRunConfig.{field} "):
+        LocalRunConfig(**{field: value})
