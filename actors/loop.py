@@ -145,6 +145,11 @@ class UpConfig:
     """Greedy tokens generated from ``prompt`` after each promotion."""
     max_ppl_increase: float = 0.05
     """The gate's margin: a checkpoint worse than the promoted one by more is rejected."""
+    heldout_tokens: int = 16384
+    """Held-out tokens the gate scores each checkpoint on, and the n-gram baseline too."""
+    ngram_orders: tuple[int, ...] = (2, 3, 4, 5)
+    """Kneser-Ney orders fitted on the training split; the summary shows the best on the
+    held-out tokens beside the promoted versions (empty: no baseline)."""
     exit_after: float | None = None
     """Seconds to keep serving once training has ended and the last checkpoint is settled;
     None serves until Ctrl-C (or SIGTERM)."""
@@ -161,6 +166,11 @@ class UpConfig:
             raise ValueError("UpConfig.prompt must be non-empty text")
         if self.prompt_tokens < 1:
             raise ValueError(f"UpConfig.prompt_tokens must be >= 1, got {self.prompt_tokens}")
+        if self.heldout_tokens < 2:
+            raise ValueError(f"UpConfig.heldout_tokens must be >= 2, got {self.heldout_tokens}")
+        self.ngram_orders = tuple(self.ngram_orders)  # TOML and JSON give lists
+        if any(k < 1 for k in self.ngram_orders):
+            raise ValueError(f"UpConfig.ngram_orders must be >= 1 each, got {self.ngram_orders}")
         if self.exit_after is not None and self.exit_after < 0:
             raise ValueError(f"UpConfig.exit_after must be >= 0 or None, got {self.exit_after}")
         for name in ("settle_timeout_s", "status_poll_s"):
@@ -465,6 +475,9 @@ class UpSummary:
     settled: bool
     """Every checkpoint reached a final state before the summary (false: settle_timeout_s)."""
     training_error: str | None = None
+    ngram: dict[str, Any] | None = None
+    """The best Kneser-Ney baseline on the gate's held-out tokens: order, perplexity,
+    bits_per_byte (None: not computed)."""
 
     @property
     def perplexity_falling(self) -> bool:
@@ -474,11 +487,25 @@ class UpSummary:
         return all(p is not None for p in ppl) and all(b < a for a, b in itertools.pairwise(ppl))
 
     @property
+    def beats_ngram(self) -> bool | None:
+        """The last promoted version's held-out perplexity is below the n-gram baseline's
+        (None when there is no baseline or nothing was promoted)."""
+        ppl = {r.version: r.perplexity for r in self.versions}
+        final = ppl.get(self.promoted[-1]) if self.promoted else None
+        if self.ngram is None or final is None:
+            return None
+        return final < self.ngram["perplexity"]
+
+    @property
     def ok(self) -> bool:
         return self.training_error is None and bool(self.promoted) and self.requests_failed == 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "perplexity_falling": self.perplexity_falling}
+        return {
+            **asdict(self),
+            "perplexity_falling": self.perplexity_falling,
+            "beats_ngram": self.beats_ngram,
+        }
 
     def format(self) -> str:
         lines = [
@@ -493,7 +520,16 @@ class UpSummary:
                 f"  {_num(r.registered_to_serving_s, '.1f'):>20}"
                 + (f"  ({r.reason})" if r.status == "rejected" else "")
             )
+        if self.ngram is not None:
+            name = f"{self.ngram['order']}-gram KN"
+            lines.append(
+                f"  {'baseline':>7}  {'':>5}  {name:<9}  {self.ngram['perplexity']:>12.2f}"
+                f"  {self.ngram['bits_per_byte']:>9.3f}  (count n-gram, same held-out tokens)"
+            )
         trend = "falling" if self.perplexity_falling else "NOT falling"
+        if self.beats_ngram is not None:
+            verdict = "beats" if self.beats_ngram else "does NOT beat"
+            trend += f"; the last {verdict} the n-gram baseline"
         lines += [
             f"  promoted  {self.promoted or 'none'} (held-out perplexity {trend} across them)",
             f"  rejected  {self.rejected or 'none'}",
@@ -590,6 +626,7 @@ class UpRun:
         self.load: ClientLoad | None = None
         self.train_s = 0.0
         self.training_error: str | None = None
+        self.ngram: dict[str, Any] | None = None
 
     def connect(self) -> None:
         self.started_ray = connect_ray(self.config)
@@ -604,6 +641,35 @@ class UpRun:
         self.config.job = replace(job, data_dir=os.path.abspath(data_dir))
         self.say(f"[kiln up] corpus and tokenizer: {data_dir} ({time.perf_counter() - t:.0f} s)")
 
+    def baseline(self) -> None:
+        """Fit the n-gram baseline on the training split and score it on the held-out tokens
+        the gate scores every checkpoint on, so the summary compares like with like."""
+        from kilnlm.actors.orchestrator import heldout_ids
+        from kilnlm.data import TokenShards
+        from kilnlm.ngram import best_baseline
+        from kilnlm.tokenizer import Tokenizer
+
+        orders = self.config.ngram_orders
+        if not orders:
+            return
+        t = time.perf_counter()
+        data_dir = str(self.config.job.data_dir)
+        train = TokenShards(data_dir, "train")
+        ids, n_bytes = heldout_ids(data_dir, Tokenizer.load(data_dir), self.config.heldout_tokens)
+        base = best_baseline(train.read(0, len(train)), ids, n_bytes, train.vocab_size, orders)
+        r = base.result
+        self.ngram = {
+            "order": base.order,
+            "perplexity": r.perplexity,
+            "bits_per_byte": r.bits_per_byte,
+            "tokens": r.tokens,
+        }
+        self.say(
+            f"[kiln up] baseline to beat: {base.name}, held-out ppl {r.perplexity:.2f} "
+            f"({r.bits_per_byte:.3f} bits/byte) on {r.tokens:,} tokens, best of orders "
+            f"{', '.join(map(str, base.by_order))} ({time.perf_counter() - t:.0f} s)"
+        )
+
     def start_orchestrator(self) -> None:
         from kilnlm.actors.orchestrator import OrchestratorConfig, start_orchestrator
 
@@ -613,6 +679,7 @@ class UpRun:
             app_name=self.config.serve.app_name,
             policy="auto",
             max_ppl_increase=self.config.max_ppl_increase,
+            heldout_max_tokens=self.config.heldout_tokens,
             smoke_prompt=self.config.prompt,
         )
         check_no_foreign_orchestrator(self.config)
@@ -680,6 +747,7 @@ class UpRun:
             total_s=time.perf_counter() - self.started,
             settled=settled,
             training_error=self.training_error,
+            ngram=self.ngram,
         )
         path = self.config.run_dir / "up-summary.json"
         path.write_text(json.dumps(summary.to_dict(), indent=2, default=str))
@@ -755,6 +823,7 @@ def run_up(config: UpConfig, say: Callable[[str], None] | None = None) -> UpSumm
     try:
         up.connect()
         up.prepare_data()
+        up.baseline()
         up.start_orchestrator()
         up.deploy()
         up.train()

@@ -101,6 +101,38 @@ def test_summary_has_a_perplexity_and_a_swap_time_per_promoted_version(summary) 
 
 @pytest.mark.ray
 @pytest.mark.slow
+def test_summary_sets_the_n_gram_baseline_beside_the_versions(summary, tiny_corpus) -> None:
+    """The baseline is scored on the gate's own held-out tokens, at its best order."""
+    from kilnlm.actors.orchestrator import heldout_ids
+    from kilnlm.data import TokenShards
+    from kilnlm.ngram import NGramModel
+    from kilnlm.tokenizer import Tokenizer
+
+    result, lines = summary
+    train = TokenShards(tiny_corpus, "train")
+    ids, n_bytes = heldout_ids(str(tiny_corpus), Tokenizer.load(tiny_corpus), 16384)
+    ppl = {
+        k: NGramModel(k, train.vocab_size)
+        .fit(train.read(0, len(train)).astype("int64"))
+        .evaluate(ids, n_bytes)
+        .perplexity
+        for k in (2, 3, 4, 5)
+    }
+    best = min(ppl, key=ppl.__getitem__)
+    assert result.ngram["order"] == best
+    assert result.ngram["perplexity"] == pytest.approx(ppl[best])
+    assert result.ngram["tokens"] == len(ids) - 1
+    final = next(r for r in result.versions if r.version == result.promoted[-1])
+    assert result.beats_ngram == (final.perplexity < ppl[best])
+    text = result.format()
+    assert f"{best}-gram KN" in text and "n-gram baseline" in text
+    assert any(line.startswith("[kiln up] baseline to beat") for line in lines)
+    saved = json.loads((Path(result.run_dir) / "up-summary.json").read_text())
+    assert saved["beats_ngram"] == result.beats_ngram
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_each_promotion_is_shown_with_a_generation_from_that_version(summary) -> None:
     result, lines = summary
     for g in result.generations:
