@@ -9,6 +9,7 @@ the same protocol through real Ray Serve replicas and real gRPC.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 import os
@@ -34,6 +35,7 @@ from kilnlm.actors.orchestrator import (
     admin_status,
     heldout_ids,
     run_gate,
+    spread_slices,
     status_pb,
 )
 from kilnlm.actors.registry import Registry, RegistryError, Validation
@@ -304,16 +306,29 @@ def test_gate_rejects_a_checkpoint_without_tokenizer(tmp_path, ckpts):
     assert not gate.ok and gate.reason.startswith("load:") and "tokenizer" in gate.reason
 
 
+@pytest.mark.parametrize(("n", "budget", "chunk"), [(10, 20, 4), (100, 10, 4), (1000, 300, 64)])
+def test_held_out_budget_is_spread_over_the_whole_split(n, budget, chunk):
+    slices = spread_slices(n, budget, chunk)
+    assert sum(b - a for a, b in slices) == min(n, budget)
+    assert all(0 <= a < b <= n for a, b in slices)
+    assert all(b1 <= a2 for (_, b1), (a2, _) in itertools.pairwise(slices))
+    if n > budget:  # it reaches the last part of the data, not only the first documents
+        assert len(slices) == -(-budget // chunk) and slices[0][0] == 0 and slices[-1][1] > n * 0.6
+
+
 def test_gate_reads_a_corpus_heldout_split(tmp_path, ckpts):
     from kilnlm.data import CorpusConfig, TokenShards, build_corpus
 
     corpus = tmp_path / "corpus"
     build_corpus(CorpusConfig(max_bytes=40_000, heldout_fraction=0.2), corpus, 300, progress=False)
     tok = Tokenizer.load(corpus)
-    ids, n_bytes = heldout_ids(str(corpus), tok, 10_000)
     shards = TokenShards(corpus, "heldout")
-    assert ids == [int(t) for t in shards.read(0, len(shards))][:10_000]
+    ids, n_bytes = heldout_ids(str(corpus), tok, len(shards))  # all of it fits: read as stored
+    assert ids == [int(t) for t in shards.read(0, len(shards))]
     assert n_bytes == tok.count_bytes(ids)
+    few, _ = heldout_ids(str(corpus), tok, 1500)  # two chunks of 750: the start and the middle
+    half = len(shards) // 2
+    assert few == [int(t) for t in [*shards.read(0, 750), *shards.read(half, 750)]]
     path = export(tmp_path / "m", tok, seed=3)
     assert run_gate(str(path), config(tmp_path, ckpts, heldout=str(corpus))).ok
     with pytest.raises(ValueError, match="another tokenizer"):
