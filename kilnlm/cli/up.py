@@ -60,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--prompt", help="prompt each promoted version completes (greedy)")
     p.add_argument("--prompt-tokens", type=int, help="tokens of that generation (default 48)")
-    p.add_argument("--load-clients", type=int, help="concurrent background streams (default 2)")
+    p.add_argument("--load-clients", type=int, help="concurrent background streams (default 1)")
     p.add_argument("--max-ppl-increase", type=float, help="gate margin (default 0.05: 5 %%)")
     p.add_argument("--port", type=int, help="gateway port (default 50051; 0 picks a free one)")
     p.add_argument("--host", help="gateway address (default 127.0.0.1)")
