@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 from kilnlm import config
 
@@ -64,14 +66,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_sweep)
 
 
-def job_from_args(args: argparse.Namespace):  # -> JobConfig (import stays inside)
-    """The file's JobConfig with the command line's flags applied (each config re-validated)."""
+def job_from_args(args: argparse.Namespace, default: Callable[[], Any] | None = None) -> Any:
+    """The --config file's JobConfig (else ``default()``, else JobConfig's own defaults) with the
+    command line's flags applied, each config re-validated. Returns a JobConfig; its imports stay
+    inside so that ``kiln --help`` never loads Ray."""
     from kilnlm.cluster.config import ClusterConfig, load_job
     from kilnlm.data import CorpusConfig
     from kilnlm.model import ModelConfig
     from kilnlm.train import TrainConfig
 
-    job = load_job(args.config)
+    job = load_job(args.config) if args.config or default is None else default()
     corpus = replace(job.corpus, **config.overrides_from(args, CorpusConfig, prefix="corpus_"))
     if args.source:
         corpus = replace(corpus, sources=list(args.source))

@@ -78,26 +78,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def job_from_args(args: argparse.Namespace) -> Any:  # -> JobConfig (imports stay inside)
-    """The --config file's JobConfig (or the laptop default), then the flags."""
+    """The --config file's JobConfig (or the laptop default of ``kiln up``), then the flags."""
     from kilnlm.actors.loop import default_job
-    from kilnlm.cluster.config import ClusterConfig, load_job
-    from kilnlm.data import CorpusConfig
-    from kilnlm.model import ModelConfig
-    from kilnlm.train import TrainConfig
+    from kilnlm.cli.training import job_from_args as with_flags
 
-    job = load_job(args.config) if args.config else default_job()
-    corpus = replace(job.corpus, **config.overrides_from(args, CorpusConfig, prefix="corpus_"))
-    if args.source:
-        corpus = replace(corpus, sources=list(args.source))
-    return replace(
-        job,
-        preset=args.preset or job.preset,
-        data_dir=args.data or job.data_dir,
-        model={**job.model, **config.overrides_from(args, ModelConfig)},
-        train=replace(job.train, **config.overrides_from(args, TrainConfig)),
-        cluster=replace(job.cluster, **config.overrides_from(args, ClusterConfig)),
-        corpus=corpus,
-    )
+    return with_flags(args, default=default_job)
 
 
 def serve_from_args(args: argparse.Namespace, token: str | None) -> Any:  # -> ServeConfig
