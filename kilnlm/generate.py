@@ -402,14 +402,6 @@ BeamSearch = _BeamSearch
 """Public name of the beam-search state machine (the serving engine drives it step by step)."""
 
 
-def _reorder(cache: KVCache, parents: list[int], batch: int) -> None:
-    """Cache row j takes over the keys/values of row parents[j] (beam j's new parent)."""
-    index = torch.tensor(parents + [0] * (batch - len(parents)), device=cache.k.device)
-    cache.k.copy_(cache.k.index_select(1, index))  # (L, B, nkv, S, hs)
-    cache.v.copy_(cache.v.index_select(1, index))
-    cache.pos.copy_(cache.pos.index_select(0, index))  # (B, S)
-
-
 def _beam_logits_naive(model: Transformer, search: _BeamSearch) -> Tensor:
     seqs = torch.tensor([search.prompt + b.tokens for b in search.live], device=model.device)
     return model(seqs)[:, -1]  # (n_live, V): all live beams have the same length
@@ -446,7 +438,7 @@ def beam_search(
         if not use_cache:
             logits = _beam_logits_naive(model, search)
             continue
-        _reorder(cache, parents, K)
+        cache.reorder(parents + [0] * (K - len(parents)))  # rows past the live beams: unused
         n = len(search.live)
         last = [b.tokens[-1] for b in search.live] + [0] * (K - n)
         position = len(prompt) + len(search.live[0].tokens) - 1

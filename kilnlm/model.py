@@ -18,6 +18,7 @@ The model knows nothing of parallelism, Ray or serving: FSDP is applied from out
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal, Protocol
 
@@ -521,6 +522,17 @@ class KVCache(nn.Module):
         self.v[layer].scatter_(2, index, v)
         n = self.length
         return self.k[layer, :, :, :n], self.v[layer, :, :, :n], self.pos[:, :n]
+
+    def reorder(self, rows: Sequence[int]) -> None:
+        """Row j takes over the keys, values and positions of row ``rows[j]`` (beam search: a
+        beam continues from its new parent). ``rows`` has one entry per row of the batch."""
+        batch = self.k.shape[1]
+        if len(rows) != batch or not all(0 <= r < batch for r in rows):
+            raise ValueError(f"reorder needs {batch} row indices in [0, {batch}), got {list(rows)}")
+        index = torch.tensor(list(rows), device=self.k.device)
+        self.k.copy_(self.k.index_select(1, index))  # (L, B, nkv, S, hs)
+        self.v.copy_(self.v.index_select(1, index))
+        self.pos.copy_(self.pos.index_select(0, index))  # (B, S)
 
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes

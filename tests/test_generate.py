@@ -88,6 +88,24 @@ def test_kv_cache_bytes_reported(model: Transformer) -> None:
     assert batch(model, replace(GREEDY, max_tokens=5), use_cache=False)[0].kv_cache_bytes == 0
 
 
+def test_kv_cache_reorder_gives_each_row_its_parents_cache(model: Transformer) -> None:
+    """A reordered cache decodes exactly as a cache prefilled with the parents' prompts."""
+    prompts = torch.tensor([[5, 6, 7], [8, 9, 10], [11, 12, 13]])  # (3, 3)
+    positions = torch.arange(3).expand(3, -1)
+    cache = KVCache(model.config, 3, 8)
+    model(prompts, positions=positions, cache=cache)
+    cache.reorder([2, 2, 0])
+    fresh = KVCache(model.config, 3, 8)
+    model(prompts[[2, 2, 0]], positions=positions, cache=fresh)
+    for name in ("k", "v", "pos"):
+        assert torch.equal(getattr(cache, name), getattr(fresh, name))
+    nxt, at = torch.tensor([[1], [2], [3]]), torch.full((3, 1), 3)
+    assert torch.equal(model(nxt, positions=at, cache=cache), model(nxt, positions=at, cache=fresh))
+    for bad in ([0, 1], [0, 1, 3], [-1, 0, 1]):
+        with pytest.raises(ValueError, match="reorder needs 3 row indices"):
+            cache.reorder(bad)
+
+
 # --------------------------------------------------------------------------------------------
 # Seeds
 
