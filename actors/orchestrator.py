@@ -205,42 +205,24 @@ class GateResult:
     validation: Validation | None = None
 
 
-HELDOUT_CHUNK_TOKENS = 1024
-"""When held-out data is longer than the gate's budget, it is sampled in chunks of this many
-tokens spread evenly over it: the first N tokens alone would be one or two documents."""
-
-
-def spread_slices(n: int, budget: int, chunk: int = HELDOUT_CHUNK_TOKENS) -> list[tuple[int, int]]:
-    """(start, end) slices of ``range(n)`` that total min(n, budget) tokens: all of it when it
-    fits, else ceil(budget / chunk) equal chunks starting at evenly spaced offsets (they never
-    overlap, since each is at most n / chunks long)."""
-    if n <= budget:
-        return [(0, n)]
-    k = -(-budget // chunk)
-    sizes = [budget // k + (i < budget % k) for i in range(k)]
-    return [(i * n // k, i * n // k + size) for i, size in enumerate(sizes)]
-
-
 def heldout_ids(source: str, tokenizer: Tokenizer, max_tokens: int) -> tuple[list[int], int]:
-    """Held-out ids (at most ``max_tokens``, sampled as ``spread_slices`` says) and the UTF-8
-    bytes they encode.
+    """Held-out ids (at most ``max_tokens``, spread over the data as ``kilnlm.data.spread_slices``
+    says) and the UTF-8 bytes they encode.
 
     A corpus directory gives its heldout split as stored (it must have been encoded with this
     tokenizer); a text file is encoded with ``tokenizer`` after a BOS token.
     """
+    from kilnlm.data import TokenShards, sample_split, spread_slices
+
     path = Path(source)
     if path.is_dir():
-        from kilnlm.data import TokenShards
-
         corpus_tokenizer = Tokenizer.load(path)
         if corpus_tokenizer.to_json() != tokenizer.to_json():
             raise ValueError(
                 f"the held-out corpus {path} was encoded with another tokenizer than the "
                 "checkpoint's; give the corpus the model was trained on, or a text file"
             )
-        shards = TokenShards(path, "heldout")
-        slices = spread_slices(len(shards), max_tokens)
-        ids = [int(t) for a, b in slices for t in shards.read(a, b - a)]
+        ids = [int(t) for t in sample_split(TokenShards(path, "heldout"), max_tokens)]
     elif path.is_file():
         text = path.read_text(encoding="utf-8")
         all_ids = [tokenizer.bos_id, *tokenizer.encode(text)]
@@ -1361,6 +1343,5 @@ __all__ = [
     "get_orchestrator",
     "heldout_ids",
     "run_gate",
-    "spread_slices",
     "start_orchestrator",
 ]

@@ -798,6 +798,29 @@ class TokenShards:
             self._maps[i] = np.memmap(self._files[i], dtype=self._dtype, mode="r")
         return self._maps[i]
 
+
+SAMPLE_CHUNK_TOKENS = 1024
+"""``sample_split`` reads in chunks of this many tokens: long enough that the cuts between
+chunks cost a model little context, short enough to reach many documents."""
+
+
+def spread_slices(n: int, budget: int, chunk: int = SAMPLE_CHUNK_TOKENS) -> list[tuple[int, int]]:
+    """(start, end) slices of ``range(n)`` that total min(n, budget) tokens: all of it when it
+    fits, else ceil(budget / chunk) equal chunks starting at evenly spaced offsets (they never
+    overlap, since each is at most n / chunks long)."""
+    if n <= budget:
+        return [(0, n)]
+    k = -(-budget // chunk)
+    sizes = [budget // k + (i < budget % k) for i in range(k)]
+    return [(i * n // k, i * n // k + size) for i, size in enumerate(sizes)]
+
+
+def sample_split(shards: TokenShards, budget: int, chunk: int = SAMPLE_CHUNK_TOKENS) -> np.ndarray:
+    """At most ``budget`` ids of a split for evaluation, spread over all of it (``spread_slices``):
+    the first ``budget`` ids alone would be its first one or two documents."""
+    parts = [shards.read(a, b - a) for a, b in spread_slices(len(shards), budget, chunk)]
+    return np.concatenate(parts) if parts else np.empty(0, dtype=shards.dtype)
+
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_maps": [None] * len(self._files)}
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kilnlm.data import CorpusConfig, TokenShards, build_corpus, get_batch
+from kilnlm.data import CorpusConfig, TokenShards, build_corpus, get_batch, sample_split
 from kilnlm.eval import EvalResult, evaluate
 from kilnlm.generate import generate
 from kilnlm.model import ModelConfig, Transformer
@@ -67,7 +67,8 @@ class LocalRunConfig:
     ngram_orders: tuple[int, ...] = (2, 3, 4, 5)
     """The baseline is fitted at each order and reported at its best held-out order (fair to it)."""
     eval_tokens: int = 200_000
-    """Held-out tokens scored (the first N of the held-out split)."""
+    """Held-out tokens scored: all of the split when it fits, else this many spread over it
+    (kilnlm.data.sample_split, as the orchestrator's gate)."""
     eval_stride: float = 0.5
     """Scoring windows advance by this fraction of seq_len (as the orchestrator's gate): every
     token after the first window is predicted from at least half a context."""
@@ -109,7 +110,7 @@ def run(cfg: LocalRunConfig, progress: bool = True) -> dict[str, Any]:
     _say(f"tokens: train {len(train_ids):,}  held-out {len(heldout_ids):,}  vocab {tok.vocab_size}")
 
     model, steps, timings["train_s"] = _train(cfg, tok, train_ids, progress)
-    heldout = heldout_ids.read(0, min(cfg.eval_tokens, len(heldout_ids))).astype(np.int64)
+    heldout = sample_split(heldout_ids, cfg.eval_tokens).astype(np.int64)
     n_bytes = tok.count_bytes(heldout.tolist())
 
     t = time.perf_counter()

@@ -3,6 +3,7 @@ default (stdlib) corpus end to end with a small cap."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pickle
@@ -33,7 +34,9 @@ from kilnlm.data import (
     iter_documents,
     lsh_bands,
     read_corpus,
+    sample_split,
     split_heldout,
+    spread_slices,
     stdlib_root,
     steps_per_epoch,
     token_dtype,
@@ -206,6 +209,25 @@ def test_generated_files_are_recognised_by_what_their_head_says(head: str, gener
     assert (len(kept), stats.generated) == ((0, 1) if generated else (1, 0))
     off = CorpusConfig(**{**CFG.__dict__, "drop_generated": False})
     assert len(clean([Document(head + "\n" + prose(2), "doc")], off)[0]) == 1
+
+
+@pytest.mark.parametrize(("n", "budget", "chunk"), [(10, 20, 4), (100, 10, 4), (1000, 300, 64)])
+def test_held_out_budget_is_spread_over_the_whole_split(n, budget, chunk):
+    slices = spread_slices(n, budget, chunk)
+    assert sum(b - a for a, b in slices) == min(n, budget)
+    assert all(0 <= a < b <= n for a, b in slices)
+    assert all(b1 <= a2 for (_, b1), (a2, _) in itertools.pairwise(slices))
+    if n > budget:  # it reaches the last part of the data, not only the first documents
+        assert len(slices) == -(-budget // chunk) and slices[0][0] == 0 and slices[-1][1] > n * 0.6
+
+
+def test_sample_split_reads_evenly_spaced_chunks(tiny_corpus) -> None:
+    shards = TokenShards(tiny_corpus, "train")
+    n = len(shards)
+    got = sample_split(shards, 3000, chunk=500)  # 6 chunks of 500 at i·n/6
+    want = np.concatenate([shards.read(i * n // 6, 500) for i in range(6)])
+    assert np.array_equal(got, want)
+    assert np.array_equal(sample_split(shards, n + 10), shards.read(0, n))  # all of it fits
 
 
 def test_dedup_keeps_the_first_copy_whatever_the_order() -> None:

@@ -9,7 +9,6 @@ the same protocol through real Ray Serve replicas and real gRPC.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import math
 import os
@@ -35,7 +34,6 @@ from kilnlm.actors.orchestrator import (
     admin_status,
     heldout_ids,
     run_gate,
-    spread_slices,
     status_pb,
 )
 from kilnlm.actors.registry import Registry, RegistryError, Validation
@@ -304,16 +302,6 @@ def test_gate_rejects_a_checkpoint_without_tokenizer(tmp_path, ckpts):
     path = save_pretrained(model, tmp_path / "no-tok")
     gate = run_gate(str(path), config(tmp_path, ckpts))
     assert not gate.ok and gate.reason.startswith("load:") and "tokenizer" in gate.reason
-
-
-@pytest.mark.parametrize(("n", "budget", "chunk"), [(10, 20, 4), (100, 10, 4), (1000, 300, 64)])
-def test_held_out_budget_is_spread_over_the_whole_split(n, budget, chunk):
-    slices = spread_slices(n, budget, chunk)
-    assert sum(b - a for a, b in slices) == min(n, budget)
-    assert all(0 <= a < b <= n for a, b in slices)
-    assert all(b1 <= a2 for (_, b1), (a2, _) in itertools.pairwise(slices))
-    if n > budget:  # it reaches the last part of the data, not only the first documents
-        assert len(slices) == -(-budget // chunk) and slices[0][0] == 0 and slices[-1][1] > n * 0.6
 
 
 def test_gate_reads_a_corpus_heldout_split(tmp_path, ckpts):

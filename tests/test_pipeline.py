@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import kilnlm
-from kilnlm.data import CorpusConfig, TokenShards
+from kilnlm.data import CorpusConfig, TokenShards, sample_split
 from kilnlm.eval import evaluate
 from kilnlm.ngram import NGramModel
 from kilnlm.pipeline import PROMPTS, SAMPLING_SETTINGS, LocalRunConfig, run
@@ -46,7 +46,9 @@ def test_the_summary_scores_both_models_on_the_same_held_out_tokens(finished) ->
         TokenShards(corpus, "train"),
         TokenShards(corpus, "heldout"),
     )
-    ids = held.read(0, min(cfg.eval_tokens, len(held))).astype(np.int64)
+    assert len(held) > cfg.eval_tokens  # so the budget is spread over the split
+    ids = sample_split(held, cfg.eval_tokens).astype(np.int64)
+    assert len(ids) == cfg.eval_tokens
     n_bytes = tok.count_bytes(ids.tolist())
     train_ids = train.read(0, len(train)).astype(np.int64)
     ppl = {
