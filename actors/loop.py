@@ -870,9 +870,9 @@ def submit_up(
     name, so the job reads the configs as they are here, not stale copies on the head. The admin
     token travels in the job's environment, never on its command line.
     """
+    from ray.exceptions import RayError
     from ray.job_submission import JobSubmissionClient
 
-    client = JobSubmissionClient(address)
     with tempfile.TemporaryDirectory(prefix="kiln-up-job-") as work:
         entry = ["kiln", "up", "--ray-address", "auto", *argv]
         for flag, path in files.items():
@@ -880,14 +880,21 @@ def submit_up(
             shutil.copyfile(path, Path(work) / name)
             entry += [flag, name]
         env = {**ENV, "KILN_ADMIN_TOKEN": token}
-        job_id = client.submit_job(
-            entrypoint=shlex.join(entry), runtime_env={"working_dir": work, "env_vars": env}
-        )
+        try:  # unreachable, refused, wrong token: the caller reports one ConnectionError
+            client = JobSubmissionClient(address)
+            job_id = client.submit_job(
+                entrypoint=shlex.join(entry), runtime_env={"working_dir": work, "env_vars": env}
+            )
+        except RayError as e:
+            raise ConnectionError(str(e)) from e
     say(f"kiln up: submitted {job_id} to {address}: {shlex.join(entry)}")
     if not follow:
         say(f"follow it with: ray job logs --address {address} --follow {job_id}")
         return 0
-    return follow_job(client, job_id, address, say)
+    try:
+        return follow_job(client, job_id, address, say)
+    except RayError as e:
+        raise ConnectionError(str(e)) from e
 
 
 def follow_job(client: Any, job_id: str, address: str, say: Callable[[str], None]) -> int:

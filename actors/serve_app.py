@@ -82,9 +82,46 @@ def run(config: ServeConfig) -> str:
     return handle.address.remote().result()
 
 
+def serve_until_interrupted(config: ServeConfig, ray_address: str | None = None) -> int:
+    """``kiln serve``: join ``ray_address`` or start local Ray, deploy, block until Ctrl-C (or
+    SIGTERM), then shut Serve and Ray down. Local Ray gets more logical CPUs than cores and every
+    process one OpenMP thread: replicas and the gateway ask for fractions (DESIGN.md)."""
+    import sys
+    import time
+
+    import ray
+
+    from kilnlm.actors.loop import ENV
+
+    env = {"env_vars": dict(ENV)}
+    if ray_address is not None:
+        ray.init(address=ray_address, runtime_env=env)
+    else:
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, runtime_env=env)
+    try:
+        address = run(config)
+        what = config.checkpoint or "no model (waiting for a promotion)"
+        print(f"kiln: serving {what} on {address} (grpc); Ctrl-C to stop", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("kiln: stopping", file=sys.stderr)
+        return 0
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
 def llm_handle(config: ServeConfig) -> serve.handle.DeploymentHandle:
     """A handle to the application's LLMServer deployment (the orchestrator's way in)."""
     return serve.get_deployment_handle("LLMServer", app_name=config.app_name)
 
 
-__all__ = ["app_builder", "build_app", "deployment_options", "llm_handle", "run"]
+__all__ = [
+    "app_builder",
+    "build_app",
+    "deployment_options",
+    "llm_handle",
+    "run",
+    "serve_until_interrupted",
+]

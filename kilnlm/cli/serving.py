@@ -13,7 +13,6 @@ import argparse
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -72,39 +71,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = serve_config(args)
     if config.checkpoint is not None and not Path(config.checkpoint).is_dir():
         raise FileNotFoundError(f"checkpoint directory {config.checkpoint} does not exist")
-    import ray
-    from ray import serve
-
-    from kilnlm.actors import serve_app
+    from kilnlm.actors.serve_app import serve_until_interrupted
 
     # Ctrl-C must stop the server even when the shell started it in the background (which
-    # ignores SIGINT); Ray's own SIGTERM handler exits through the `finally` below as well.
+    # ignores SIGINT); Ray's own SIGTERM handler exits through its `finally` as well.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    _init_ray(args.ray_address)
-    try:
-        address = serve_app.run(config)
-        what = config.checkpoint or "no model (waiting for a promotion)"
-        print(f"kiln: serving {what} on {address} (grpc); Ctrl-C to stop", flush=True)
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("kiln: stopping", file=sys.stderr)
-        return 0
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-
-
-def _init_ray(address: str | None) -> None:
-    """Join ``address``, or start local Ray with more logical CPUs than cores: replicas and the
-    gateway ask for fractions and keep torch to one thread each (DESIGN.md)."""
-    import ray
-
-    env = {"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}}
-    if address is not None:
-        ray.init(address=address, runtime_env=env)
-    else:
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, runtime_env=env)
+    return serve_until_interrupted(config, args.ray_address)
 
 
 # --------------------------------------------------------------------------------------------
