@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -59,6 +58,8 @@ from kilnlm.checkpoint import (
     IncompleteCheckpointError,
     Manifest,
     export_state_dict,
+    parse_manifest,
+    sha256_file,
 )
 from kilnlm.model import ModelConfig, Transformer
 
@@ -194,7 +195,7 @@ def rank_files(path: Path, rank: int) -> list[str]:
 
 def write_rank_manifest(path: Path, rank: int, state: TrainState) -> None:
     files = {
-        name: FileEntry(_sha256(path / name), (path / name).stat().st_size)
+        name: FileEntry(sha256_file(path / name), (path / name).stat().st_size)
         for name in rank_files(path, rank)
     }
     fields = {"kind": "sharded", "rank": rank, "world_size": state.world_size, "step": state.step}
@@ -202,14 +203,6 @@ def write_rank_manifest(path: Path, rank: int, state: TrainState) -> None:
     tmp = path / f".{rank_manifest_name(rank)}.tmp"
     tmp.write_text(json.dumps(manifest.to_dict(), indent=2))
     os.replace(tmp, path / rank_manifest_name(rank))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,12 +238,7 @@ def _rank_manifest(path: Path, rank: int) -> Manifest:
             "resume from an earlier one"
         )
     # Same format as an export's manifest.json (kilnlm.checkpoint.Manifest), under the rank's name.
-    try:
-        return Manifest.from_dict(json.loads(file.read_text()))
-    except (ValueError, TypeError, KeyError) as e:
-        raise CheckpointError(
-            f"{file} is not a valid manifest ({e}); resume from an earlier checkpoint"
-        ) from e
+    return parse_manifest(file, "resume from an earlier checkpoint")
 
 
 def parse_checkpoint_name(name: str) -> tuple[int, int] | None:

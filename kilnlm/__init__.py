@@ -5,7 +5,7 @@ The library (this package) knows nothing of Ray; ``kilnlm.cluster`` and ``kilnlm
 Public API::
 
     model = kilnlm.load(path)                 # our export or a Hugging Face Llama directory
-    model.save(path, tokenizer=tok)           # safetensors + config.json + manifest.json
+    kilnlm.checkpoint.save_pretrained(model, path, tokenizer=tok)  # + config.json + manifest
     out = kilnlm.generate(model, prompt_ids, kilnlm.SamplingParams(...), use_cache=True)
     kilnlm.perplexity(model, ids)
     kilnlm.sampling.process_logits(logits, [params_per_row, ...])

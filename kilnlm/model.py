@@ -453,12 +453,6 @@ class Transformer(nn.Module):
         """Training FLOPs per token (forward + backward): 6·N plus the attention-score term."""
         return flops_per_token(self.config, seq_len)
 
-    def save(self, path: str, tokenizer: Any = None, **manifest: Any) -> None:
-        """Write a Hugging Face Llama-format directory (safetensors + config.json); see kilnlm.checkpoint."""
-        from kilnlm.checkpoint import save_pretrained
-
-        save_pretrained(self, path, tokenizer=tokenizer, **manifest)
-
 
 def num_params(cfg: ModelConfig, non_embedding: bool = False) -> int:
     """Parameter count from the config alone (no allocation), equal to Transformer(cfg).num_params()."""

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kilnlm.checkpoint import save_pretrained
 from kilnlm.data import CorpusConfig, TokenShards, build_corpus, get_batch, sample_split
 from kilnlm.eval import EvalResult, evaluate
 from kilnlm.generate import generate
@@ -121,8 +122,9 @@ def run(cfg: LocalRunConfig, progress: bool = True) -> dict[str, Any]:
     timings["eval_s"] = time.perf_counter() - t
     _print_comparison(neural, ngram)
 
-    model.save(
-        str(out / "model"),
+    save_pretrained(
+        model,
+        out / "model",
         tokenizer=tok,
         version=1,
         step=steps,

@@ -287,6 +287,24 @@ class BrokenTokenizer:
         raise RuntimeError("disk full")
 
 
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("[1, 2]", "JSON list"),
+        ('{"format": "kilnlm.checkpoint", "files": [1]}', "files"),
+        ("{", ""),
+    ],
+)
+def test_a_manifest_that_is_not_a_manifest_object_is_refused_cleanly(tmp_path, text, why):
+    out = save_pretrained(our_model(), tmp_path / "export")
+    (out / "manifest.json").write_text(text)
+    for read in (read_manifest, verify_manifest, load):
+        with pytest.raises(
+            CheckpointError, match=rf"not a valid manifest \(.*{why}.*export it again"
+        ):
+            read(out)
+
+
 def test_failed_export_is_invisible_and_keeps_the_previous_one(tmp_path):
     save_pretrained(our_model(), tmp_path / "export", version=1)
     with pytest.raises(RuntimeError, match="disk full"):
@@ -300,7 +318,7 @@ def test_failed_export_is_invisible_and_keeps_the_previous_one(tmp_path):
 
 def test_export_replaces_an_export_but_not_another_directory(tmp_path):
     save_pretrained(our_model(), tmp_path / "export", version=1)
-    our_model("mha").save(str(tmp_path / "export"), version=2)  # Transformer.save delegates here
+    save_pretrained(our_model("mha"), tmp_path / "export", version=2)
     assert verify_manifest(tmp_path / "export").fields == {"version": 2}
     assert load(tmp_path / "export").config == our_config("mha")
     assert [p.name for p in tmp_path.iterdir()] == ["export"]

@@ -14,7 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from kilnlm.checkpoint import ChecksumError, IncompleteCheckpointError, load, verify_manifest
+from kilnlm.checkpoint import (
+    ChecksumError,
+    IncompleteCheckpointError,
+    load,
+    verify_manifest,
+)
 from kilnlm.cluster.checkpointing import (
     CheckpointError,
     Exporter,
@@ -115,6 +120,14 @@ def test_truncated_and_half_written_checkpoints_are_refused(
     (ckpt / "manifest-rank00000.json").unlink()  # the manifest is written last: save never finished
     with pytest.raises(IncompleteCheckpointError, match=r"manifest-rank00000\.json"):
         verify_checkpoint(ckpt)
+
+
+def test_a_rank_manifest_that_is_a_json_list_is_refused_cleanly(tmp_path: Path) -> None:
+    model, opt = fresh()
+    save_sharded(tmp_path / "ckpt", model, opt, state_at(1), 0, CFG)
+    (tmp_path / "ckpt" / "manifest-rank00000.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=r"JSON list.*resume from an earlier checkpoint"):
+        verify_checkpoint(tmp_path / "ckpt")
 
 
 def test_a_rank_whose_part_never_arrived_is_named(tmp_path: Path) -> None:
