@@ -29,8 +29,10 @@ from kilnlm.actors.protocol import (
     ModelInfo,
     ScoreRequest,
     ScoreResult,
+    merge_chunks,
 )
 from kilnlm.actors.serving_model import ServingModel
+from kilnlm.actors.streaming import StreamShape, coalesce
 from kilnlm.actors.swap_agent import SwapAgent
 from kilnlm.serving_config import ServeConfig
 
@@ -88,6 +90,10 @@ class RequestTimer:
             m.tpot.observe((time.monotonic() - self.first) / (self.tokens - 1))
 
 
+def _n_tokens(chunk: GenerationChunk) -> int:
+    return len(chunk.token_ids)
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
 class LLMServer:
     """One engine per replica; options (replicas, autoscaling, queue bounds) come from ServeConfig."""
@@ -112,7 +118,10 @@ class LLMServer:
         CancelledError unwinds through ServingModel.generate, which aborts the engine request.
         """
         timer = RequestTimer()
-        async with contextlib.aclosing(self.model.generate(request)) as chunks:
+        config = self.model.config
+        shape = StreamShape(config.stream_interval_s, config.stream_max_tokens)
+        deltas = coalesce(self.model.generate(request), merge_chunks, _n_tokens, shape)
+        async with contextlib.aclosing(deltas) as chunks:
             async for chunk in chunks:
                 n = len(chunk.token_ids)
                 timer.tokens_arrived(n, self.metrics)

@@ -31,6 +31,9 @@ ENGINE = EngineConfig(
     kv_budget_mib=16, max_num_seqs=128, max_num_batched_tokens=512, max_queue=512,
     max_tokens_limit=MAX_TOKENS_LIMIT,
 )  # fmt: skip
+# Coalescing by token count only (the interval is far longer than any test's stream), so the
+# message sizes are exact: 1 token at once, then STREAM_MAX_TOKENS per message, then the rest.
+STREAM_INTERVAL_S, STREAM_MAX_TOKENS = 30.0, 8
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +50,7 @@ def address(ray_cluster, ckpt):
     config = ServeConfig(
         checkpoint=str(ckpt), port=0, app_name=APP, health_poll_s=0.1, engine=ENGINE,
         max_ongoing_requests=256, replica_num_cpus=0.5,
+        stream_interval_s=STREAM_INTERVAL_S, stream_max_tokens=STREAM_MAX_TOKENS,
     )  # fmt: skip
     yield serve_app.run(config)
     serve.delete(APP)
@@ -80,7 +84,10 @@ def test_stream_equals_the_in_process_engine_greedy_output(client, ckpt):
     while engine.has_unfinished():
         expected += [t for out in engine.step() for t in out.token_ids]
     deltas = list(client.generate_stream(prompt, temperature=0, max_tokens=32))
-    assert [t for d in deltas for t in d.token_ids] == expected
+    assert [t for d in deltas for t in d.token_ids] == expected  # coalesced = one per step
+    sizes = [len(d.token_ids) for d in deltas]  # the first at once, then >= 8 tokens a message
+    assert len(sizes) <= 1 + -(-31 // STREAM_MAX_TOKENS), sizes
+    assert all(n >= STREAM_MAX_TOKENS for n in sizes[1:-1]), sizes
     assert "".join(d.text for d in deltas) == tok.decode(expected)
     assert deltas[-1].finish.model_version == 1 and deltas[-1].finish.finish_reason == "length"
 
