@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TypedDict
 
+from kilnlm.chat_template import render_template
+from kilnlm.hf_tokenizer import PretrainedTokenizer
 from kilnlm.tokenizer import Tokenizer
 
 ROLE_TOKENS: dict[str, str] = {
@@ -58,11 +60,30 @@ def render_chat(messages: Sequence[Mapping[str, str]], add_generation_prompt: bo
     return BOS + turns + (ROLE_TOKENS["assistant"] if add_generation_prompt else "")
 
 
+KILNLM_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+"""kilnlm's format as a Jinja template, for a Hugging Face tokenizer that brings none (its own
+BOS/EOS, the role markers as text)."""
+
+
 def encode_chat(
-    tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
+    tokenizer: Tokenizer | PretrainedTokenizer,
+    messages: Sequence[Mapping[str, str]],
+    add_generation_prompt: bool = True,
 ) -> list[int]:
-    """The conversation as ids: markers are special ids, content is plain text (never parsed)."""
+    """The conversation as ids: markers are special ids, content is plain text (never parsed).
+
+    A Hugging Face tokenizer's own ``chat_template`` renders the conversation instead, and the
+    text is encoded as transformers' ``apply_chat_template`` encodes it (special-token text
+    parsed, no BOS added: the template writes it).
+    """
     validate_messages(messages)
+    if isinstance(tokenizer, PretrainedTokenizer):
+        return tokenizer.encode_with_specials(
+            render_for(tokenizer, messages, add_generation_prompt)
+        )
     ids = [tokenizer.bos_id]
     for m in messages:
         ids.append(tokenizer.special_id(ROLE_TOKENS[m["role"]]))
@@ -71,6 +92,17 @@ def encode_chat(
     if add_generation_prompt:
         ids.append(tokenizer.special_id(ROLE_TOKENS["assistant"]))
     return ids
+
+
+def render_for(
+    tokenizer: PretrainedTokenizer,
+    messages: Sequence[Mapping[str, str]],
+    add_generation_prompt: bool = True,
+) -> str:
+    """The text a Hugging Face tokenizer's chat template (or kilnlm's, if it has none) writes."""
+    validate_messages(messages)
+    template = tokenizer.chat_template or KILNLM_TEMPLATE
+    return render_template(template, messages, tokenizer.special_tokens, add_generation_prompt)
 
 
 def loss_mask(tokenizer: Tokenizer, ids: Sequence[int]) -> list[int]:

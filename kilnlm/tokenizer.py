@@ -211,6 +211,11 @@ class Tokenizer:
         """Plain text → ids. Special-token text is encoded as ordinary bytes, never as a special id."""
         return self._hf.encode(text, add_special_tokens=False).ids
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """A completion prompt: plain ids, no BOS (pretraining streams documents separated by
+        ``<|eos|>`` only). A Hugging Face tokenizer adds its BOS here (``PretrainedTokenizer``)."""
+        return self.encode(text)
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """``encode`` for many texts at once (parallel in Rust)."""
         # encode_batch_fast skips character offsets we never use: about 1.6x faster.

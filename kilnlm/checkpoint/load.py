@@ -41,6 +41,7 @@ from kilnlm.checkpoint.manifest import (
 from kilnlm.model import ModelConfig, Transformer
 
 if TYPE_CHECKING:  # imported where used: weights alone need no tokenizer module
+    from kilnlm.hf_tokenizer import PretrainedTokenizer
     from kilnlm.tokenizer import Tokenizer
 
 
@@ -80,16 +81,31 @@ def load(
     return model.eval()
 
 
-def load_tokenizer(path: str | os.PathLike[str], verify: bool = True) -> Tokenizer | None:
-    """The kilnlm Tokenizer saved with an export (checked against the manifest), None if absent."""
+def load_tokenizer(
+    path: str | os.PathLike[str], verify: bool = True
+) -> Tokenizer | PretrainedTokenizer | None:
+    """The tokenizer of a directory (checked against its manifest, if any), None if absent.
+
+    kilnlm's own ``Tokenizer`` for our exports; a Hugging Face directory's own tokenizer, with
+    its specials, chat template and generation defaults (``PretrainedTokenizer``), when the
+    directory has a ``tokenizer_config.json`` or its ``tokenizer.json`` lacks kilnlm's specials.
+    """
+    from kilnlm.hf_tokenizer import PretrainedTokenizer, is_pretrained_dir, sidecar_files
     from kilnlm.tokenizer import Tokenizer
 
     root = existing_dir(path)
     if not (root / TOKENIZER).is_file():
         return None
     if verify and (root / MANIFEST).is_file():
-        read_manifest(root).check(root, TOKENIZER)
-    return Tokenizer.load(root)
+        manifest = read_manifest(root)
+        for name in [TOKENIZER, *sidecar_files(root)]:
+            manifest.check(root, name)
+    if is_pretrained_dir(root):
+        return PretrainedTokenizer.load(root)
+    try:
+        return Tokenizer.load(root)
+    except ValueError:  # a foreign tokenizer.json with no kilnlm specials
+        return PretrainedTokenizer.load(root)
 
 
 def _integrity(root: Path, verify: bool) -> Manifest | None:
