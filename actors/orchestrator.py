@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import math
 import os
@@ -1073,9 +1072,9 @@ def _by_id(r: ReplicaState) -> str:
 
 
 def _read_manifest(path: str) -> tuple[checkpoint.Manifest, str]:
+    """The manifest and its content identity (not its bytes: they carry the export's time)."""
     manifest = checkpoint.read_manifest(path)
-    sha = hashlib.sha256((Path(path) / checkpoint.MANIFEST).read_bytes()).hexdigest()
-    return manifest, sha
+    return manifest, manifest.content_sha256()
 
 
 def _serve_running_count(config: OrchestratorConfig) -> int | None:

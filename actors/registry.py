@@ -103,7 +103,8 @@ class CheckpointRecord:
     path: str
     """The local directory replicas load (``uri`` without file://, absolute)."""
     manifest_sha256: str
-    """sha256 of manifest.json: equal means the same files (the manifest lists their sha256)."""
+    """The manifest's content identity (``Manifest.content_sha256``: files and fields, not the
+    export's time): equal means the same files (the manifest lists their sha256)."""
     files: dict[str, str]
     """sha256 of every file, from the manifest."""
     step: int | None = None

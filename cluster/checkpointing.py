@@ -21,8 +21,9 @@ pure function of the step too (``kilnlm.train.lr_at``). Only the RNG state needs
 kept as base64 JSON, so nothing in a checkpoint is ever unpickled.
 
 An export (``model.safetensors`` + ``config.json`` + ``tokenizer.json`` + ``manifest.json``) is
-written by ``kilnlm.checkpoint.export_state_dict``, which writes beside the target and renames, so
-a half-written export is never visible.
+written by ``kilnlm.checkpoint.export_content_addressed`` into ``exports/step-<step>-<content>/``:
+beside the target, then renamed, so a half-written export is never visible, and under a name
+that says what it holds, so a registered export is never rewritten.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from kilnlm.checkpoint import (
     FileEntry,
     IncompleteCheckpointError,
     Manifest,
+    export_content_addressed,
     export_state_dict,
     parse_manifest,
     sha256_file,
@@ -78,6 +80,7 @@ def checkpoint_dir_name(step: int, resumed_from: int) -> str:
 
 
 def export_dir_name(step: int) -> str:
+    """The prefix of a step's export folder; ``write_export`` appends the content hash."""
     return f"step-{step:08d}"
 
 
@@ -351,9 +354,15 @@ class Exporter:
         self._pool.shutdown()
 
     def _export(self, state_dict: dict[str, Tensor], step: int, fields: dict[str, Any]) -> str:
-        uri = f"{self.exports_uri.rstrip('/')}/{export_dir_name(step)}"
-        write_export(
-            uri, state_dict, self.model_config, self.tokenizer, version=step, step=step, **fields
+        uri = write_export(
+            self.exports_uri,
+            export_dir_name(step),
+            state_dict,
+            self.model_config,
+            self.tokenizer,
+            version=step,
+            step=step,
+            **fields,
         )
         if self.hook is not None:
             try:
@@ -365,22 +374,50 @@ class Exporter:
 
 
 def write_export(
-    uri: str, state_dict: dict[str, Tensor], config: ModelConfig, tokenizer: Any, **fields: Any
-) -> None:
-    """Export to a local folder atomically, or to a remote URI with the manifest uploaded last."""
-    if "://" not in uri or uri.startswith("file://"):
-        export_state_dict(state_dict, config, uri.removeprefix("file://"), tokenizer, **fields)
-        return
+    exports_uri: str,
+    prefix: str,
+    state_dict: dict[str, Tensor],
+    config: ModelConfig,
+    tokenizer: Any,
+    **fields: Any,
+) -> str:
+    """Export into ``exports_uri/<prefix>-<content hash>``; return that URI.
+
+    Content-addressed, because a registered export must never change: a resumed run that
+    re-exports a step with other weights (it fell back to an older checkpoint) gets a new
+    folder, and a worker that exported but died before reporting finds its own folder again.
+    Local folders are written atomically; a remote URI gets the manifest uploaded last, and an
+    existing remote folder of that name (the same content) is left as it is.
+    """
+    if "://" not in exports_uri or exports_uri.startswith("file://"):
+        local = exports_uri.removeprefix("file://")
+        path = export_content_addressed(state_dict, config, local, prefix, tokenizer, **fields)
+        return str(path) if "://" not in exports_uri else f"file://{path}"
+    return _upload_export(exports_uri, prefix, state_dict, config, tokenizer, fields)
+
+
+def _upload_export(
+    exports_uri: str,
+    prefix: str,
+    state_dict: dict[str, Tensor],
+    config: ModelConfig,
+    tokenizer: Any,
+    fields: dict[str, Any],
+) -> str:
     import pyarrow.fs
 
     with tempfile.TemporaryDirectory(prefix="kilnlm-export-") as tmp:
-        local = Path(tmp) / "export"
-        export_state_dict(state_dict, config, local, tokenizer, **fields)
+        local = export_content_addressed(state_dict, config, tmp, prefix, tokenizer, **fields)
+        uri = f"{exports_uri.rstrip('/')}/{local.name}"
+        fs, root = pyarrow.fs.FileSystem.from_uri(uri)
+        if fs.get_file_info(f"{root}/manifest.json").type != pyarrow.fs.FileType.NotFound:
+            return uri  # the same name is the same content, uploaded complete before
         manifest = local / "manifest.json"
         staged = Path(tmp) / "manifest.json"
         shutil.move(manifest, staged)  # readers treat a folder without manifest as unfinished
         pyarrow.fs.copy_files(str(local), uri)
         pyarrow.fs.copy_files(str(staged), f"{uri}/manifest.json")
+    return uri
 
 
 def export_checkpoint(

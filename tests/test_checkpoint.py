@@ -7,6 +7,7 @@ import hashlib
 import json
 import pickle
 import re
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,13 @@ from kilnlm.checkpoint import (
     CheckpointError,
     ChecksumError,
     IncompleteCheckpointError,
+    Manifest,
     ShapeMismatchError,
     UnsafeFormatError,
     UnsupportedConfigError,
     config_from_hf,
     config_to_hf,
+    export_content_addressed,
     hf_compatible,
     load,
     load_state_dict_into,
@@ -316,11 +319,13 @@ def test_failed_export_is_invisible_and_keeps_the_previous_one(tmp_path):
     assert load(tmp_path / "export").config == our_config()
 
 
-def test_export_replaces_an_export_but_not_another_directory(tmp_path):
-    save_pretrained(our_model(), tmp_path / "export", version=1)
-    save_pretrained(our_model("mha"), tmp_path / "export", version=2)
-    assert verify_manifest(tmp_path / "export").fields == {"version": 2}
-    assert load(tmp_path / "export").config == our_config("mha")
+def test_an_export_is_never_overwritten_and_other_directories_are_refused(tmp_path):
+    first = save_pretrained(our_model(), tmp_path / "export", version=1)
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    with pytest.raises(FileExistsError, match="immutable"):
+        save_pretrained(our_model("mha"), tmp_path / "export", version=2)
+    assert save_pretrained(our_model(), tmp_path / "export", version=1) == first  # same content
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before  # not even rewritten
     assert [p.name for p in tmp_path.iterdir()] == ["export"]
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes/todo.txt").write_text("keep me")
@@ -329,8 +334,28 @@ def test_export_replaces_an_export_but_not_another_directory(tmp_path):
     assert (tmp_path / "notes/todo.txt").read_text() == "keep me"
 
 
-# --------------------------------------------------------------------------------------------
-# Safe loading
+def test_content_addressed_exports_differ_by_content_only(tmp_path):
+    a = export_content_addressed(our_model().state_dict(), our_config(), tmp_path, "step-1", step=1)
+    b = export_content_addressed(
+        our_model("mha").state_dict(), our_config("mha"), tmp_path, "step-1", step=1
+    )
+    assert a != b and a.name.startswith("step-1-") and len(a.name) == len("step-1-") + 12
+    again = export_content_addressed(
+        our_model().state_dict(), our_config(), tmp_path, "step-1", step=1
+    )
+    assert again == a and sorted(p.name for p in tmp_path.iterdir()) == sorted([a.name, b.name])
+    assert load(a).config == our_config() and load(b).config == our_config("mha")
+
+
+def test_content_identity_ignores_when_and_by_what_an_export_was_written(tmp_path):
+    manifest = read_manifest(save_pretrained(our_model(), tmp_path / "export", step=1))
+    later = Manifest(**{**asdict(manifest), "created_unix": 1.0, "kilnlm_version": "9.9"})
+    assert later.content_sha256() == manifest.content_sha256()
+    for changed in ({"fields": {"step": 2}}, {"files": {}}):
+        assert (
+            Manifest(**{**asdict(manifest), **changed}).content_sha256()
+            != manifest.content_sha256()
+        )
 
 
 def test_shape_mismatch_names_the_tensor_and_leaves_the_model_untouched():

@@ -159,7 +159,7 @@ def test_exports_load_in_kilnlm_and_transformers_with_equal_logits(reference) ->
     from transformers import LlamaForCausalLM
 
     result = reference[0]
-    assert [Path(u).name for u in result.exports] == [f"step-{s:08d}" for s in (K, 2 * K)]
+    assert [Path(u).name[:13] for u in result.exports] == [f"step-{s:08d}" for s in (K, 2 * K)]
     heldout = by_step(result, "heldout_loss")
     for uri in result.exports:
         fields = verify_manifest(uri).fields

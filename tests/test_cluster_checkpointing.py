@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -181,9 +182,10 @@ def test_exporter_writes_in_the_background_and_calls_the_hook_in_order(tmp_path:
     for step in (5, 10):
         exporter.submit(model.state_dict(), step, tokens_seen=step * 64, heldout_loss=2.0)
     exporter.close()
-    assert (
-        calls == exporter.exported == [str(tmp_path / "exports" / f"step-{s:08d}") for s in (5, 10)]
-    )
+    assert calls == exporter.exported and len(calls) == 2
+    for uri, step in zip(calls, (5, 10), strict=True):  # named by step and content
+        assert Path(uri).parent == tmp_path / "exports"
+        assert re.fullmatch(rf"step-{step:08d}-[0-9a-f]{{12}}", Path(uri).name)
     fields = verify_manifest(calls[1]).fields
     assert fields == {"version": 10, "step": 10, "tokens_seen": 640, "heldout_loss": 2.0}
 

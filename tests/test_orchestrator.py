@@ -604,7 +604,10 @@ def test_status_converts_to_protobuf(tmp_path, ckpts):
         assert pb.promoted_version == 1 and pb.policy == "manual"
         assert [r.version for r in pb.replicas] == [1, 1]
         assert pb.checkpoints[0].state == 3 and pb.checkpoints[0].heldout_perplexity > 1
-        assert pb.checkpoints[0].manifest_sha256 == _sha256(ckpts["v1"] / "manifest.json")
+        assert (
+            pb.checkpoints[0].manifest_sha256
+            == checkpoint.read_manifest(ckpts["v1"]).content_sha256()
+        )
         assert pb.training.step == 300 and pb.training.loss == 2.5
         assert pb.swaps[0].replicas[0].stage_seconds > 0
         assert json.loads(json.dumps(pb.swaps[0].kind)) == "promote"

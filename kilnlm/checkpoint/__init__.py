@@ -34,7 +34,7 @@ from kilnlm.checkpoint.errors import (
     UnsafeFormatError,
     UnsupportedConfigError,
 )
-from kilnlm.checkpoint.export import export_state_dict, save_pretrained
+from kilnlm.checkpoint.export import export_content_addressed, export_state_dict, save_pretrained
 from kilnlm.checkpoint.hf import (
     SUPPORTED_ROPE_TYPES,
     config_from_hf,
@@ -87,6 +87,7 @@ __all__ = [
     "UnsupportedConfigError",
     "config_from_hf",
     "config_to_hf",
+    "export_content_addressed",
     "export_state_dict",
     "from_hf_state_dict",
     "hf_compatible",

@@ -9,6 +9,7 @@ full ModelConfig (options HF Llama cannot express round-trip through it; such ex
 
 from __future__ import annotations
 
+import errno
 import importlib.metadata
 import json
 import os
@@ -40,6 +41,7 @@ from kilnlm.checkpoint.manifest import (
     WEIGHTS,
     FileEntry,
     Manifest,
+    read_manifest,
     sha256_file,
 )
 from kilnlm.model import ModelConfig
@@ -67,11 +69,32 @@ def export_state_dict(
     """Export a full (unsharded) state dict under our names, without building a model.
 
     Training gathers the FSDP state dict on one rank and calls this. The directory appears at
-    ``path`` complete or not at all: it is written beside it, fsynced, and renamed into place. An
-    existing export at ``path`` is replaced; any other existing non-empty directory is refused.
+    ``path`` complete or not at all: it is written beside it, fsynced, and renamed into place.
+    An export is immutable, because a registered version may point at it: an existing export at
+    ``path`` is never rewritten (exporting the same content again returns it untouched; other
+    content raises FileExistsError), and any other non-empty directory is refused.
     A model HF Llama cannot express is still exported (with a warning) for kilnlm to load.
     """
     return _export(state_dict, config, Path(path), tokenizer, manifest_fields)
+
+
+def export_content_addressed(
+    state_dict: Mapping[str, Tensor],
+    config: ModelConfig,
+    parent: str | os.PathLike[str],
+    prefix: str,
+    tokenizer: Any = None,
+    **manifest_fields: Any,
+) -> Path:
+    """Export into ``parent/<prefix>-<content sha256, 12 hex>`` and return that directory.
+
+    Why: a name that says what the folder holds can never be reused for other weights, so a
+    retried or resumed trainer that re-exports a step writes a new folder beside the old one
+    (other weights) or finds its own (the same content: nothing is written).
+    """
+    return _export(
+        state_dict, config, Path(parent) / prefix, tokenizer, manifest_fields, by_content=True
+    )
 
 
 def _export(
@@ -80,9 +103,10 @@ def _export(
     path: Path,
     tokenizer: Any,
     manifest_fields: dict[str, Any],
+    by_content: bool = False,
 ) -> Path:
-    target = path.absolute()
-    _check_replaceable(target)
+    if not by_content:
+        _check_target(path.absolute())
     fields = {name: _json_value(name, value) for name, value in manifest_fields.items()}
     reasons = hf_incompatibilities(config)
     if reasons:
@@ -91,16 +115,18 @@ def _export(
             "can, with kilnlm.checkpoint.load",
             stacklevel=3,  # the caller of save_pretrained / export_state_dict
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    path = path.absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     tmp.mkdir()  # mode from the umask, unlike tempfile.mkdtemp's 0700: replicas must read it
     try:
-        _write_export(tmp, state_dict, config, tokenizer, fields)
-        _move_into_place(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+        manifest = _write_export(tmp, state_dict, config, tokenizer, fields)
+        if by_content:
+            path = path.with_name(f"{path.name}-{manifest.content_sha256()[:12]}")
+            _check_target(path)
+        return _move_into_place(tmp, path, manifest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already unless it was not needed
 
 
 def _write_export(
@@ -109,7 +135,7 @@ def _write_export(
     config: ModelConfig,
     tokenizer: Any,
     fields: dict[str, Any],
-) -> None:
+) -> Manifest:
     weights = to_hf_state_dict(state_dict, config)
     save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})  # HF requires "pt"
     if tokenizer is not None:
@@ -124,30 +150,51 @@ def _write_export(
     )
     _write_json(tmp / MANIFEST, manifest.to_dict())  # last: its presence means complete
     _fsync(tmp)
+    return manifest
 
 
-def _check_replaceable(target: Path) -> None:
+def _check_target(target: Path) -> None:
+    """Refuse early what can never be written: a file, or a non-empty folder that is no export."""
     if not target.exists():
         return
     if not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a directory; choose another path")
     if any(target.iterdir()) and not (target / MANIFEST).is_file():
         raise FileExistsError(
-            f"refusing to replace {target}: it is not a kilnlm export (no {MANIFEST}); choose "
+            f"refusing to write into {target}: it is not a kilnlm export (no {MANIFEST}); choose "
             "another path or remove it"
         )
 
 
-def _move_into_place(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` to ``target``; an existing target is moved aside first, then deleted."""
-    if not target.exists():
-        os.replace(tmp, target)
-    else:
-        old = target.with_name(f".{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
+def _move_into_place(tmp: Path, target: Path, manifest: Manifest) -> Path:
+    """Rename ``tmp`` to ``target`` unless ``target`` already holds files, which stay untouched.
+
+    rename(2) replaces an empty directory but fails on a non-empty one, so two writers racing for
+    one path cannot overwrite each other either.
+    """
+    try:
+        os.rename(tmp, target)
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        _require_same_content(target, manifest)
+        return target
     _fsync(target.parent)
+    return target
+
+
+def _require_same_content(target: Path, manifest: Manifest) -> None:
+    """Accept an existing export of the same content (a retry); refuse anything else."""
+    try:
+        same = read_manifest(target).content_sha256() == manifest.content_sha256()
+    except CheckpointError:
+        same = False
+    if not same:
+        raise FileExistsError(
+            f"refusing to overwrite {target}: it holds another export, and exports are "
+            "immutable (a registered version may point at it); export to a new path, e.g. with "
+            "kilnlm.checkpoint.export_content_addressed"
+        )
 
 
 def _config_json(cfg: ModelConfig, dtype: torch.dtype, tokenizer: Any) -> dict[str, Any]:
