@@ -7,6 +7,7 @@ A training checkpoint is one folder that every rank writes a part of::
       __0_0.distcp, __1_0.distcp    each rank's shard of the model and of AdamW's moments
       train_state-rank00000.json    step, tokens seen, data position, RNG state (one per rank)
       model_config.json             the ModelConfig (rank 0): lets a checkpoint be exported alone
+      optimizer_settings.json       AdamW's param_groups (lr, betas, ...) as JSON (rank 0)
       manifest-rank00000.json       sha256 + size of each file that rank wrote, written last
 
 Under Ray Train each rank writes its part into a local temporary folder and ``ray.train.report``
@@ -18,7 +19,8 @@ names the first file that is not. A checkpoint that fails is never resumed from 
 Why the data position is just the step: ``kilnlm.data.get_batch`` is a pure function of
 (step, rank, seed), so restoring the step restores the sampler. The learning-rate schedule is a
 pure function of the step too (``kilnlm.train.lr_at``). Only the RNG state needs storing; it is
-kept as base64 JSON, so nothing in a checkpoint is ever unpickled.
+kept as base64 JSON. The optimizer's tensors go through DCP and its settings (``param_groups``)
+to JSON, since DCP pickles every non-tensor value: nothing in a checkpoint is ever unpickled.
 
 An export (``model.safetensors`` + ``config.json`` + ``tokenizer.json`` + ``manifest.json``) is
 written by ``kilnlm.checkpoint.export_content_addressed`` into ``exports/step-<step>-<content>/``:
@@ -63,12 +65,19 @@ from kilnlm.checkpoint import (
     parse_manifest,
     sha256_file,
 )
+from kilnlm.cluster.optimizer_state import (
+    from_json,
+    merge_optimizer_state,
+    split_optimizer_state,
+    to_json,
+)
 from kilnlm.model import ModelConfig, Transformer
 
 log = logging.getLogger(__name__)
 
 METADATA = ".metadata"
 MODEL_CONFIG = "model_config.json"
+OPTIMIZER_SETTINGS = "optimizer_settings.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{8})-(\d{8})$")
 EXPORTS = "exports"
 
@@ -157,14 +166,22 @@ def save_sharded(
     rank: int,
     model_config: ModelConfig | None = None,
 ) -> None:
-    """Write this rank's part of a checkpoint into ``path``; the manifest goes last."""
+    """Write this rank's part of a checkpoint into ``path``; the manifest goes last.
+
+    Tensors go through DCP; the optimizer's other values (``param_groups``: lr, betas, eps, ...)
+    go to JSON, because DCP would pickle them and load them back with
+    ``torch.load(weights_only=False)``, and nothing in a checkpoint is ever unpickled.
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+    tensors, settings = split_optimizer_state(optim_sd)
+    dcp.save({"model": model_sd, "optim": tensors}, checkpoint_id=str(path))
     (path / train_state_name(rank)).write_text(state.to_json())
-    if rank == 0 and model_config is not None:
-        (path / MODEL_CONFIG).write_text(json.dumps(model_config.to_dict(), indent=2))
+    if rank == 0:  # the same on every rank: param_groups name parameters by FQN
+        (path / OPTIMIZER_SETTINGS).write_text(json.dumps(to_json(settings), indent=2))
+        if model_config is not None:
+            (path / MODEL_CONFIG).write_text(json.dumps(model_config.to_dict(), indent=2))
     write_rank_manifest(path, rank, state)
 
 
@@ -177,18 +194,34 @@ def load_sharded(
     """
     path = Path(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)  # allocates AdamW state to load into
-    state = {"model": model_sd, "optim": optim_sd}
+    tensors, own_settings = split_optimizer_state(optim_sd)
+    state = {"model": model_sd, "optim": tensors}
     dcp.load(state, checkpoint_id=str(path))
+    settings = _optimizer_settings(path, own_settings)
     set_state_dict(
-        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=merge_optimizer_state(state["optim"], settings),
     )
     own = path / train_state_name(rank)
     return TrainState.from_json((own if own.is_file() else path / train_state_name(0)).read_text())
 
 
+def _optimizer_settings(path: Path, own: dict[str, Any]) -> dict[str, Any]:
+    """The saved optimizer settings; a checkpoint from before they were kept as JSON has them
+    pickled inside DCP, which we never load: the optimizer keeps its own (from the TrainConfig)."""
+    file = path / OPTIMIZER_SETTINGS
+    if not file.is_file():
+        log.warning("%s has no %s: keeping the optimizer's own settings", path, file.name)
+        return own
+    return from_json(json.loads(file.read_text()))
+
+
 def rank_files(path: Path, rank: int) -> list[str]:
     """The files of ``path`` that ``rank`` wrote (the folder may be shared with other ranks)."""
-    own = {train_state_name(rank)} | ({METADATA, MODEL_CONFIG} if rank == 0 else set())
+    rank0 = {METADATA, MODEL_CONFIG, OPTIMIZER_SETTINGS}
+    own = {train_state_name(rank)} | (rank0 if rank == 0 else set())
     return sorted(
         p.name
         for p in path.iterdir()

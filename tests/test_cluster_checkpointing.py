@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -85,6 +86,62 @@ def test_resume_from_a_sharded_checkpoint_is_bit_exact(saved: tuple[Path, list[f
     state = load_sharded(run_dir / checkpoint_dir_name(4, 0), model, opt, rank=0)
     assert state.step == 4 and state.heldout_loss == 1.5
     assert run_steps(model, opt, range(4, 6)) == losses[4:]
+
+
+@pytest.fixture
+def no_unpickling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.load as it is, except that reaching ``weights_only=False`` fails the test."""
+    real_load = torch.load
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("weights_only") is False:
+            raise AssertionError("torch.load(weights_only=False) reached: something was unpickled")
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load)
+
+
+def test_optimizer_state_is_restored_bit_exactly_without_unpickling(
+    tmp_path: Path, no_unpickling: None
+) -> None:
+    model, opt = fresh()
+    run_steps(model, opt, range(3))
+    save_sharded(tmp_path / "ckpt", model, opt, state_at(3), 0, CFG)
+    assert "optimizer_settings.json" in rank_manifest_files(tmp_path / "ckpt")
+    torch.manual_seed(7)
+    other = Transformer(CFG)  # other weights and other optimizer settings, all to be replaced
+    other_opt = build_optimizer(
+        other,
+        TrainConfig(
+            lr=5e-2, betas=(0.5, 0.6), eps=1e-3, weight_decay=0.3, warmup_steps=1, max_steps=9
+        ),
+    )
+    load_sharded(tmp_path / "ckpt", other, other_opt, rank=0)
+    saved, restored = opt.state_dict(), other_opt.state_dict()
+    assert restored["param_groups"] == saved["param_groups"]
+    assert all(type(g["betas"]) is tuple for g in restored["param_groups"])
+    assert restored["state"].keys() == saved["state"].keys()
+    for key, moments in saved["state"].items():
+        for name, value in moments.items():
+            assert torch.equal(restored["state"][key][name], value), (key, name)
+    assert run_steps(other, other_opt, range(3, 5)) == run_steps(model, opt, range(3, 5))
+
+
+def test_the_unpickling_guard_catches_dcp_loading_pickled_values(
+    tmp_path: Path, no_unpickling: None
+) -> None:
+    """The guard is real: DCP itself reaches weights_only=False for a non-tensor value."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    dcp.save({"groups": [{"lr": 0.1}]}, checkpoint_id=str(tmp_path / "pickled"))
+    with pytest.raises(CheckpointException) as info:  # DCP wraps what a rank raised
+        dcp.load({"groups": [{"lr": 0.0}]}, checkpoint_id=str(tmp_path / "pickled"))
+    assert "weights_only=False) reached" in str(info.value.failures[0][0])
+
+
+def rank_manifest_files(path: Path) -> set[str]:
+    return set(json.loads((path / "manifest-rank00000.json").read_text())["files"])
 
 
 def test_rng_state_round_trips() -> None:
@@ -319,5 +376,6 @@ def test_copying_a_checkpoint_folder_keeps_it_valid(
         ".metadata",
         "__0_0.distcp",
         "model_config.json",
+        "optimizer_settings.json",
         "train_state-rank00000.json",
     }
