@@ -39,6 +39,7 @@ from kilnlm.actors.protocol import (
 from kilnlm.chat import encode_chat
 from kilnlm.engine import AsyncLLMEngine, EngineConfig, LLMEngine, RequestOutput
 from kilnlm.engine.engine import DTYPES
+from kilnlm.errors import InvalidArgumentError
 from kilnlm.eval import EvalResult, token_logprobs
 from kilnlm.model import Transformer
 from kilnlm.sampling import SamplingParams
@@ -201,12 +202,13 @@ class ServingModel:
         else:
             ids = tok.encode(request.prompt or "")
         if not ids:
-            raise ValueError(f"{field} must not be empty")
+            raise InvalidArgumentError(f"{field} must not be empty", field)
         context = loaded.model.config.block_size
         if len(ids) >= context:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{field} is {len(ids)} tokens, longer than the context allows: the model reads "
-                f"{context} positions and needs one for a new token; shorten it"
+                f"{context} positions and needs one for a new token; shorten it",
+                field,
             )
         return ids
 
@@ -234,9 +236,10 @@ class ServingModel:
         loaded = self._serving(request.min_version, request.pin_version)
         n_bytes = len(request.text.encode("utf-8"))
         if not 0 < n_bytes <= self.config.max_score_bytes:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"text must be 1..{self.config.max_score_bytes} UTF-8 bytes, got {n_bytes}; "
-                "score a long file in parts"
+                "score a long file in parts",
+                "text",
             )
         ids = [loaded.tokenizer.bos_id, *loaded.tokenizer.encode(request.text)]
         lp = await asyncio.to_thread(token_logprobs, loaded.model, ids)

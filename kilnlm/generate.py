@@ -16,8 +16,9 @@ Two paths give the same tokens:
   padding and each row's tokens sit at positions 0, 1, 2, ... exactly as in the naive path.
 
 Length rule (as vLLM): prompt + max_tokens must fit in the context (``block_size``); a prompt
-that leaves no room, or a max_tokens that does not fit, raises ``ValueError``; max_tokens is
-never clipped silently.
+that leaves no room, or a max_tokens that does not fit, raises ``InvalidArgumentError`` (a
+``ValueError``); max_tokens is never clipped silently. That rule, the stop rule and beam search
+live in ``kilnlm.decoding``, shared with the serving engine.
 
 Returned ``token_ids`` hold the generated tokens without the EOS / stop token that ended
 generation (``finish_reason`` and ``stop_reason`` say which); ``logprobs`` are aligned to them.
@@ -25,32 +26,28 @@ generation (``finish_reason`` and ``stop_reason`` say which); ``logprobs`` are a
 
 from __future__ import annotations
 
-import operator
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from kilnlm.decoding import (
+    BeamSearch,
+    Continuation,
+    Decode,
+    FinishReason,
+    TokenLogprob,
+    check_request,
+    prompt_token_ids,
+)
+from kilnlm.errors import InvalidArgumentError
 from kilnlm.model import KVCache, ModelConfig, Transformer, kv_cache_bytes_per_token
 from kilnlm.sampling import SamplingParams, make_generator, process_logits, sample, token_logprobs
 
-FinishReason = Literal["stop", "length", "eos"]
-Decode = Callable[[list[int]], str]
-
 # --------------------------------------------------------------------------------------------
 # Results
-
-
-@dataclass
-class TokenLogprob:
-    """Raw model log-probabilities at one generated position (see ``sampling.token_logprobs``)."""
-
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]
-    """The ``params.logprobs`` most likely (token id, logprob), most likely first."""
 
 
 @dataclass
@@ -86,20 +83,17 @@ class _Row:
     prompt: list[int]
     params: SamplingParams
     generator: torch.Generator | None
-    out: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish: FinishReason | None = None
-    stop_reason: int | str | None = None
-    text: str | None = None
+    out: Continuation
 
     @property
     def sequence(self) -> list[int]:
-        return self.prompt + self.out
+        return self.prompt + self.out.tokens
 
     @property
     def last(self) -> tuple[int, int]:
         """The newest token and its absolute position (what the next decode step feeds)."""
-        return (self.out[-1] if self.out else self.prompt[-1]), len(self.prompt) + len(self.out) - 1
+        tokens = self.out.tokens
+        return (tokens[-1] if tokens else self.prompt[-1]), len(self.prompt) + len(tokens) - 1
 
 
 class _Rows:
@@ -114,13 +108,12 @@ class _Rows:
         device: torch.device,
     ):
         self.rows = [
-            _Row(p, sp, make_generator(sp.seed, device))
+            _Row(p, sp, make_generator(sp.seed, device), Continuation(sp, eos_id, decode))
             for p, sp in zip(prompts, params, strict=True)
         ]
-        self.eos_id, self.decode = eos_id, decode
 
     def active(self) -> list[int]:
-        return [i for i, r in enumerate(self.rows) if r.finish is None]
+        return [i for i, r in enumerate(self.rows) if not r.out.finished]
 
     def advance(self, logits: Tensor, active: list[int]) -> None:
         """Choose the next token of every active row from its logits (len(active), V)."""
@@ -133,25 +126,10 @@ class _Rows:
         lp = token_logprobs(logits, tokens, n_top) if n_top is not None else None
         for j, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
             entry = _logprob_entry(lp, j, token, row.params.logprobs) if lp is not None else None
-            self._append(row, token, entry)
-
-    def _append(self, row: _Row, token: int, entry: TokenLogprob | None) -> None:
-        if token == self.eos_id:
-            row.finish = "eos"
-            return
-        if token in row.params.stop_token_ids:
-            row.finish, row.stop_reason = "stop", token
-            return
-        row.out.append(token)
-        if entry is not None:
-            row.logprobs.append(entry)
-        if row.params.stop and self.decode is not None and _cut_at_stop_string(row, self.decode):
-            return
-        if len(row.out) >= row.params.max_tokens:
-            row.finish = "length"
+            row.out.append(token, entry)
 
     def results(self, cache_bytes: int) -> list[GenerationResult]:
-        return [_result(r, self.decode, cache_bytes) for r in self.rows]
+        return [_result(r, cache_bytes) for r in self.rows]
 
 
 def _logprob_entry(lp: Any, j: int, token: int, n: int | None) -> TokenLogprob | None:
@@ -161,50 +139,16 @@ def _logprob_entry(lp: Any, j: int, token: int, n: int | None) -> TokenLogprob |
     return TokenLogprob(token_id=token, logprob=float(lp.chosen[j]), top=top)
 
 
-def cut_at_stop_string(
-    ids: list[int], stops: Sequence[str], decode: Decode
-) -> tuple[int, str, str] | None:
-    """Where generation stops if a stop string appeared: (ids to keep, the stop, the text).
-
-    The text is cut before the earliest stop string and the ids to the tokens wholly before it.
-    A token that straddles the stop string's start is dropped from the ids while the text keeps
-    its leading part, so the text may run a little past decode(ids[:keep]) (vLLM does the same).
-    The engine and this module both call it, so streamed and reference output cut alike.
-    """
-    text = decode(ids)
-    hits = [(text.find(s), k, s) for k, s in enumerate(stops) if s in text]
-    if not hits:
-        return None
-    start, _, stop = min(hits)
-    text = text[:start]
-    keep = len(ids)
-    while keep > 0 and not text.startswith(decode(ids[:keep])):
-        keep -= 1
-    return keep, stop, text
-
-
-def _cut_at_stop_string(row: _Row, decode: Decode) -> bool:
-    """Apply ``cut_at_stop_string`` to a row (checked after every token, so the earliest
-    occurrence is found on the step that completes it)."""
-    cut = cut_at_stop_string(row.out, row.params.stop, decode)
-    if cut is None:
-        return False
-    keep, stop, text = cut
-    row.out, row.logprobs = row.out[:keep], row.logprobs[:keep]
-    row.finish, row.stop_reason, row.text = "stop", stop, text
-    return True
-
-
-def _result(row: _Row, decode: Decode | None, cache_bytes: int) -> GenerationResult:
-    assert row.finish is not None
-    text = row.text if row.text is not None else (decode(row.out) if decode else None)
+def _result(row: _Row, cache_bytes: int) -> GenerationResult:
+    out = row.out
+    assert out.finish_reason is not None
     return GenerationResult(
-        token_ids=row.out,
-        finish_reason=row.finish,
+        token_ids=out.tokens,
+        finish_reason=out.finish_reason,
         num_prompt_tokens=len(row.prompt),
-        text=text,
-        logprobs=row.logprobs if row.params.logprobs is not None else None,
-        stop_reason=row.stop_reason,
+        text=out.result_text(),
+        logprobs=out.logprobs if row.params.logprobs is not None else None,
+        stop_reason=out.stop_reason,
         kv_cache_bytes=cache_bytes,
     )
 
@@ -288,121 +232,10 @@ def _generate_cached(model: Transformer, rows: _Rows) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Beam search
+# Beam search (the state machine is ``decoding.BeamSearch``, shared with the engine)
 
 
-@dataclass
-class _Beam:
-    tokens: list[int]
-    score: float  # sum of log-probabilities of tokens
-    logprobs: list[TokenLogprob]
-
-
-@dataclass
-class _Finished:
-    tokens: list[int]
-    score: float  # normalised: sum_logprobs / len**length_penalty
-    logprobs: list[TokenLogprob]
-    finish: FinishReason
-    stop_reason: int | None
-
-
-class _BeamSearch:
-    """Beam search for one prompt (HF's algorithm without its early-stopping heuristic).
-
-    Every step expands the live beams, ranks the candidates by summed log-probability and
-    keeps the best ``num_beams`` that do not end; a candidate ending in EOS / a stop token
-    (only among the top ``num_beams``, as HF) or reaching max_tokens becomes a finished
-    hypothesis scored sum_logprobs / len**length_penalty, len counting the end token. We stop
-    when no live beam can still beat the best finished one (an exact bound, since log-probs
-    are <= 0), so with enough beams the result equals exhaustive search.
-    """
-
-    def __init__(self, prompt: list[int], params: SamplingParams, eos_id: int | None):
-        self.prompt, self.params = prompt, params
-        self.ends = set(params.stop_token_ids) | ({eos_id} if eos_id is not None else set())
-        self.eos_id = eos_id
-        self.live = [_Beam([], 0.0, [])]
-        self.finished: list[_Finished] = []
-        # Only the repetition penalty shapes beam scores (HF's do_sample=False).
-        self.score_params = replace(params, temperature=0.0, num_beams=1)
-
-    def step(self, logits: Tensor) -> list[int]:
-        """Extend the live beams given their logits (n_live, V); returns each new beam's parent."""
-        K, length = self.params.num_beams, len(self.live[0].tokens) + 1
-        prev = [self.prompt + b.tokens for b in self.live]
-        scores = process_logits(logits, [self.score_params] * len(self.live), prev)
-        logp = torch.log_softmax(scores, dim=-1)  # (n, V)
-        total = torch.tensor([b.score for b in self.live], device=logp.device)[:, None] + logp
-        order = total.flatten().sort(descending=True, stable=True).indices[: 2 * K].tolist()
-        raw = self._raw_logprobs(logits)
-        V = logits.shape[-1]
-        live, parents = [], []
-        for rank, flat in enumerate(order):
-            parent, token = divmod(flat, V)
-            beam = self.live[parent]
-            score = float(total[parent, token])
-            entry = raw(parent, token)
-            if token in self.ends:
-                if rank < K:
-                    self._finish(beam.tokens, beam.logprobs, score, length, token)
-                continue
-            new = _Beam([*beam.tokens, token], score, beam.logprobs + ([entry] if entry else []))
-            if length >= self.params.max_tokens:
-                self._finish(new.tokens, new.logprobs, score, length, None)
-            elif len(live) < K:
-                live.append(new)
-                parents.append(parent)
-            if len(live) == K and length < self.params.max_tokens:
-                break
-        self.live = live if length < self.params.max_tokens else []
-        return parents
-
-    def _raw_logprobs(self, logits: Tensor) -> Callable[[int, int], TokenLogprob | None]:
-        n = self.params.logprobs
-        if n is None:
-            return lambda parent, token: None
-        logp = torch.log_softmax(logits.float(), dim=-1)  # (n_live, V)
-        top_lp, top_ids = logp.topk(n, dim=-1)
-
-        def entry(parent: int, token: int) -> TokenLogprob:
-            top = list(zip(top_ids[parent].tolist(), top_lp[parent].tolist(), strict=True))
-            return TokenLogprob(token, float(logp[parent, token]), top)
-
-        return entry
-
-    def _finish(
-        self, tokens: list[int], lps: list[TokenLogprob], score: float, length: int, end: int | None
-    ) -> None:
-        reason: FinishReason = (
-            "length" if end is None else ("eos" if end == self.eos_id else "stop")
-        )
-        normalised = score / length**self.params.length_penalty
-        stop = end if reason == "stop" else None
-        self.finished.append(_Finished(tokens, normalised, lps, reason, stop))
-
-    def done(self) -> bool:
-        """True when no live beam can beat the best finished hypothesis."""
-        if not self.live:
-            return True
-        if not self.finished:
-            return False
-        lp, M = self.params.length_penalty, self.params.max_tokens
-        length = len(self.live[0].tokens)
-        # A live beam's sum only falls; the best it can reach divides by the largest len**lp ahead.
-        denominator = max((length + 1) ** lp, M**lp)
-        bound = max(b.score for b in self.live) / denominator
-        return self.best().score >= bound
-
-    def best(self) -> _Finished:
-        return max(self.finished, key=lambda f: f.score)  # first found wins ties
-
-
-BeamSearch = _BeamSearch
-"""Public name of the beam-search state machine (the serving engine drives it step by step)."""
-
-
-def _beam_logits_naive(model: Transformer, search: _BeamSearch) -> Tensor:
+def _beam_logits_naive(model: Transformer, search: BeamSearch) -> Tensor:
     seqs = torch.tensor([search.prompt + b.tokens for b in search.live], device=model.device)
     return model(seqs)[:, -1]  # (n_live, V): all live beams have the same length
 
@@ -417,7 +250,7 @@ def beam_search(
     decode: Decode | None = None,
 ) -> GenerationResult:
     """The best beam for one prompt (``params.num_beams`` beams, ``params.length_penalty``)."""
-    search = _BeamSearch(prompt, params, eos_id)
+    search = BeamSearch(prompt, params, eos_id)
     K, device, cache_bytes = params.num_beams, model.device, 0
     if use_cache:
         max_len = len(prompt) + params.max_tokens
@@ -461,35 +294,6 @@ def beam_search(
 # Input checks and the public entry point
 
 
-def _token_ids(prompt: Any, name: str, vocab_size: int) -> list[int]:
-    try:
-        ids = [operator.index(t) for t in prompt]
-    except TypeError:
-        raise ValueError(f"{name} must be a list of int token ids, got {prompt!r:.80}") from None
-    if not ids:
-        raise ValueError(f"{name} is empty; give at least one token (e.g. the BOS token)")
-    bad = [t for t in ids if not 0 <= t < vocab_size]
-    if bad:
-        raise ValueError(
-            f"{name} has token id {bad[0]} outside the vocabulary [0, {vocab_size}); "
-            "encode it with this model's tokenizer"
-        )
-    return ids
-
-
-def _check_lengths(name: str, n_prompt: int, params: SamplingParams, block_size: int) -> None:
-    if n_prompt >= block_size:
-        raise ValueError(
-            f"{name} has {n_prompt} tokens but the context holds {block_size}, leaving no room to "
-            f"generate; shorten it to at most {block_size - 1} tokens"
-        )
-    if n_prompt + params.max_tokens > block_size:
-        raise ValueError(
-            f"max_tokens ({params.max_tokens}) plus the prompt ({n_prompt} tokens) exceeds the "
-            f"context ({block_size}); ask for at most {block_size - n_prompt} new tokens"
-        )
-
-
 def _normalise(
     model: Transformer, prompt_ids: Any, params: Any, eos_id: int | None, decode: Decode | None
 ) -> tuple[bool, list[list[int]], list[SamplingParams]]:
@@ -505,16 +309,10 @@ def _normalise(
     single = not prompt_ids or not isinstance(prompt_ids[0], (Sequence, Tensor))
     raw = [prompt_ids] if single else prompt_ids
     names = ["prompt_ids"] if single else [f"prompt_ids[{i}]" for i in range(len(raw))]
-    prompts = [_token_ids(p, n, cfg.vocab_size) for p, n in zip(raw, names, strict=True)]
+    prompts = [prompt_token_ids(p, n, cfg.vocab_size) for p, n in zip(raw, names, strict=True)]
     plist = _params_list(params, len(prompts))
     for name, p, sp in zip(names, prompts, plist, strict=True):
-        _check_lengths(name, len(p), sp, cfg.block_size)
-        if sp.stop and decode is None:
-            raise ValueError("stop strings need text: pass decode=tokenizer.decode to generate")
-        if sp.stop and sp.num_beams > 1:
-            raise ValueError(
-                "stop strings are not supported with num_beams > 1; use stop_token_ids"
-            )
+        check_request(name, len(p), sp, cfg.block_size, decode is not None)
     if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
         raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {cfg.vocab_size})")
     return single, prompts, plist
@@ -527,7 +325,9 @@ def _params_list(params: Any, n: int) -> list[SamplingParams]:
         return [params] * n
     plist = list(params)
     if len(plist) != n or not all(isinstance(p, SamplingParams) for p in plist):
-        raise ValueError(f"params must be one SamplingParams or a list of {n} (one per prompt)")
+        raise InvalidArgumentError(
+            f"params must be one SamplingParams or a list of {n} (one per prompt)", "params"
+        )
     return plist
 
 
@@ -569,6 +369,8 @@ def generate(
 
 __all__ = [
     "BeamSearch",
+    "Decode",
+    "FinishReason",
     "GenerationResult",
     "TokenLogprob",
     "beam_search",

@@ -22,8 +22,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from kilnlm.errors import InvalidArgumentError
+
 MAX_LOGPROBS = 20
 """The most top-logprobs a request may ask for per token (vLLM's default cap)."""
+
+GREEDY_BELOW = 1e-5
+"""Temperatures below this are greedy (vLLM's rule): dividing logits by 1e-40 overflows to
+inf - inf = NaN, and the argmax of a NaN row is token 0."""
 
 CHAT_TEMPERATURE = 0.7
 CHAT_TOP_P = 0.9
@@ -34,9 +40,9 @@ CHAT_TOP_P = 0.9
 
 
 def _require(name: str, ok: bool, requirement: str, value: Any) -> None:
-    """Raise the ValueError the gateway maps to INVALID_ARGUMENT: the message starts with the field."""
+    """Raise the InvalidArgumentError the gateway maps to INVALID_ARGUMENT, naming the field."""
     if not ok:
-        raise ValueError(f"{name} must be {requirement}, got {value!r}")
+        raise InvalidArgumentError(f"{name} must be {requirement}, got {value!r}", field=name)
 
 
 def _is_int(x: Any) -> bool:
@@ -51,12 +57,13 @@ def _is_real(x: Any) -> bool:
 class SamplingParams:
     """How one request turns logits into tokens and when it stops.
 
-    Invalid values raise ``ValueError`` whose message starts with the field's name, so the
-    gateway can answer INVALID_ARGUMENT naming the field.
+    Invalid values raise ``InvalidArgumentError`` (a ``ValueError``) whose message starts with
+    the field's name, so the gateway can answer INVALID_ARGUMENT naming the field.
     """
 
     temperature: float = 1.0
-    """Divide the logits by this; 0 means greedy (argmax, the lowest id on ties)."""
+    """Divide the logits by this; 0 (or anything below ``GREEDY_BELOW``) means greedy (argmax,
+    the lowest id on ties)."""
     top_k: int = 0
     """Keep the k most likely tokens (ties with the k-th kept); 0 turns it off."""
     top_p: float = 1.0
@@ -135,14 +142,16 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Argmax decoding: temperature 0, or so small that dividing by it is not a number."""
+        return self.temperature < GREEDY_BELOW
 
     def validate_for(self, max_tokens_limit: int) -> SamplingParams:
         """Enforce a server's cap on max_tokens (INVALID_ARGUMENT "max_tokens over the limit"); returns self."""
         if self.max_tokens > max_tokens_limit:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"max_tokens must be <= {max_tokens_limit} (this server's limit), got {self.max_tokens}; "
-                "ask for fewer tokens"
+                "ask for fewer tokens",
+                field="max_tokens",
             )
         return self
 
@@ -237,7 +246,7 @@ def process_logits(
     """The logits (B, V) that ``sample`` draws from, in float32, filtered tokens at -inf.
 
     Order as HF's ``generate``: repetition penalty (on ``prev_tokens``, prompt + output, when
-    given), temperature, top-k, top-p, min-p. Greedy rows (temperature 0) get only the
+    given), temperature, top-k, top-p, min-p. Greedy rows (``SamplingParams.greedy``) get only the
     repetition penalty: the filters never remove the argmax, so there is nothing else to do.
     Filtering runs in float32 even for bf16 models: top-p's cumulative sum is too coarse in bf16.
     """
@@ -323,6 +332,7 @@ def token_logprobs(logits: Tensor, tokens: Tensor, n: int) -> Logprobs:
 __all__ = [
     "CHAT_TEMPERATURE",
     "CHAT_TOP_P",
+    "GREEDY_BELOW",
     "MAX_LOGPROBS",
     "Logprobs",
     "SamplingParams",

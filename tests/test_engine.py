@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from kilnlm.engine import EngineConfig, LLMEngine, QueueFull, RequestOutput, batch_invariant
+from kilnlm.errors import InvalidArgumentError
 from kilnlm.generate import generate
 from kilnlm.model import ModelConfig, Transformer
 from kilnlm.sampling import SamplingParams
@@ -246,6 +247,34 @@ def test_stop_strings_cut_text_and_ids_like_the_reference(model):
     assert got.final.stop_reason == stop and stop not in got.text
 
 
+def test_a_tiny_temperature_is_greedy_in_engine_and_reference(model):
+    """1e-40 used to pass validation and divide the logits into NaN: token 0 every step."""
+    p = prompt(9, 4)
+    greedy = reference(model, p, SamplingParams(temperature=0, max_tokens=12)).token_ids
+    tiny = SamplingParams(temperature=1e-40, max_tokens=12, seed=3)
+    assert reference(model, p, tiny).token_ids == greedy
+    assert generate(model, p, tiny, use_cache=False).token_ids == greedy  # the naive path too
+    engine = LLMEngine(model, EngineConfig(kv_budget_mib=1))
+    assert run_all(engine, [("t", p, tiny)])["t"].token_ids == greedy
+    assert 0 not in greedy[:3]
+
+
+def test_streaming_with_stop_strings_decodes_linearly(model):
+    """The engine thread decodes only each request's new tail (the stop check, the hold-back
+    and the streamed text), not the whole output every step."""
+    decoded = []
+
+    def counting(ids: list[int]) -> str:
+        decoded.append(len(ids))
+        return decode(ids)
+
+    p, params = prompt(5, 2), SamplingParams(temperature=0, max_tokens=120, stop=["#!"])
+    engine = LLMEngine(model, EngineConfig(kv_budget_mib=1), decode=counting)
+    r = run_all(engine, [("s", p, params)])["s"]
+    assert len(r.token_ids) == 120 and r.text == decode(r.token_ids)
+    assert sum(decoded) <= 6 * 120, sum(decoded)
+
+
 def test_stop_tokens_eos_and_lengths(model):
     p = prompt(6, 7)  # its greedy continuation has no repeats
     greedy = reference(model, p, SamplingParams(temperature=0, max_tokens=10)).token_ids
@@ -304,8 +333,9 @@ def test_bad_input_names_the_field_and_a_full_queue_raises(model):
         ("stop", [1], SamplingParams(stop=["x"])),  # no decode: stop strings impossible
     ]
     for field_name, ids, params in cases:
-        with pytest.raises(ValueError, match=rf"^{field_name}"):
+        with pytest.raises(InvalidArgumentError, match=rf"^{field_name}") as err:
             engine.add_request("x", ids, params)
+        assert err.value.field == field_name
     engine.add_request("a", [1], ok)
     with pytest.raises(ValueError, match=r"^request_id"):
         engine.add_request("a", [1], ok)

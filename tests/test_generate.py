@@ -154,6 +154,40 @@ def test_stop_string_truncates_text_and_ids(model: Transformer) -> None:
     assert len(letters(ref.token_ids[: len(out.token_ids) + 1])) > start  # no whole token dropped
 
 
+def test_incremental_text_equals_decoding_everything_on_real_multibyte_text() -> None:
+    """Byte-level tokens split emoji and CJK characters: the text grows by whole characters
+    only, and at every step equals the whole-character part of decode(ids so far)."""
+    from serving_utils import TEXT
+
+    from kilnlm.decoding import IncrementalText
+    from kilnlm.tokenizer import Tokenizer
+
+    tok = Tokenizer.train([TEXT * 8], vocab_size=300, min_frequency=2)
+    ids = tok.encode(TEXT + "🏺🏺 陶器")
+    inc = IncrementalText(tok.decode)
+    for n, t in enumerate(ids, 1):
+        inc.push(t)
+        full = tok.decode(ids[:n])
+        assert full.startswith(inc.text) and inc.final() == full
+        assert full[len(inc.text) :] in ("", full[len(inc.text) :].rstrip("\ufffd") + "\ufffd")
+    assert inc.text == tok.decode(ids) and -1 in inc.ends  # some character took two tokens
+
+
+def test_stop_strings_cost_linear_decoding_not_quadratic(model: Transformer) -> None:
+    """The stop check decodes only the new tail: ids decoded in all grow linearly with the
+    output (re-decoding everything every token was L²/2 ids)."""
+    decoded = []
+
+    def counting(ids: list[int]) -> str:
+        decoded.append(len(ids))
+        return letters(ids)
+
+    params = replace(GREEDY, max_tokens=60, stop=["#never#"])
+    out = generate(model, PROMPTS[1], params, decode=counting)
+    assert out.finish_reason == "length" and len(out.token_ids) == 60
+    assert sum(decoded) <= 6 * 60, sum(decoded)
+
+
 def test_logprobs_are_the_models_raw_logprobs(model: Transformer) -> None:
     p = SamplingParams(seed=3, max_tokens=6, logprobs=3, temperature=1.5, top_k=10)
     out = generate(model, PROMPTS[2], p)

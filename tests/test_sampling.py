@@ -17,7 +17,9 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from kilnlm.errors import InvalidArgumentError
 from kilnlm.sampling import (
+    GREEDY_BELOW,
     SamplingParams,
     make_generator,
     process_logits,
@@ -55,9 +57,24 @@ from kilnlm.sampling import (
     ],
 )
 def test_bad_params_raise_naming_the_field(field: str, value: object) -> None:
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(InvalidArgumentError) as err:  # a ValueError: old callers still catch it
         SamplingParams(**{field: value})
-    assert str(err.value).startswith(field)
+    assert str(err.value).startswith(field) and err.value.field == field
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-20, 5e-6, 0.0])
+def test_temperatures_below_the_greedy_threshold_are_greedy_not_nan(temperature: float) -> None:
+    """vLLM's rule: below 1e-5 is greedy. Dividing by 1e-40 made inf - inf = NaN logits, whose
+    argmax is token 0, whatever the model said."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    logits[:, 0] = -5.0  # token 0 is never the argmax
+    params = [SamplingParams(temperature=temperature, seed=s) for s in range(3)]
+    assert all(p.greedy for p in params) and temperature < GREEDY_BELOW
+    x = process_logits(logits, params)
+    assert torch.isfinite(x).all()
+    tokens = sample(x, params, [make_generator(p.seed) for p in params])
+    assert tokens.tolist() == logits.argmax(dim=-1).tolist()
+    assert not SamplingParams(temperature=GREEDY_BELOW).greedy  # the threshold itself samples
 
 
 def test_params_edges_accepted_pickle_and_chat_defaults() -> None:
@@ -75,8 +92,9 @@ def test_params_edges_accepted_pickle_and_chat_defaults() -> None:
     chat = SamplingParams.chat_defaults(max_tokens=64)
     assert (chat.temperature, chat.top_p, chat.max_tokens) == (0.7, 0.9, 64)
     assert SamplingParams(max_tokens=100).validate_for(100).max_tokens == 100
-    with pytest.raises(ValueError, match=r"^max_tokens must be <= 100"):
+    with pytest.raises(InvalidArgumentError, match=r"^max_tokens must be <= 100") as err:
         SamplingParams(max_tokens=101).validate_for(100)
+    assert err.value.field == "max_tokens"
 
 
 # --------------------------------------------------------------------------------------------

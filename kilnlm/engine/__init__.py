@@ -9,14 +9,24 @@ Token ids in, token ids out; no Ray, no gRPC (``kilnlm.actors`` wraps it in Ray 
             print(out.request_id, out.token_ids, out.finish_reason)
 
 ``AsyncLLMEngine`` runs the same loop in a background thread and streams outputs to asyncio.
+``engine.serving.current`` is the one answer to "which weights serve" (serving.py).
 """
 
+from kilnlm.decoding import FinishReason
 from kilnlm.engine.async_engine import AsyncLLMEngine, EngineDead
 from kilnlm.engine.block_manager import BlockManager, Sequence
 from kilnlm.engine.engine import EngineConfig, LLMEngine, QueueFull
 from kilnlm.engine.invariant import batch_invariant
 from kilnlm.engine.paged_cache import PagedCache
-from kilnlm.engine.request import FinishReason, RequestOutput
+from kilnlm.engine.request import RequestOutput
+from kilnlm.engine.serving import (
+    ServingState,
+    Snapshot,
+    VersionError,
+    VersionMismatch,
+    VersionRule,
+    VersionUnavailable,
+)
 from kilnlm.engine.weights import SwapReport
 
 __all__ = [
@@ -30,6 +40,12 @@ __all__ = [
     "QueueFull",
     "RequestOutput",
     "Sequence",
+    "ServingState",
+    "Snapshot",
     "SwapReport",
+    "VersionError",
+    "VersionMismatch",
+    "VersionRule",
+    "VersionUnavailable",
     "batch_invariant",
 ]

@@ -10,6 +10,10 @@ request.
 If a consumer stops iterating ``generate`` (its task is cancelled, or it closes the
 generator), the request is aborted: the abort runs at the next boundary, so its blocks are
 free within one step. Torch threads are the caller's business (``torch.set_num_threads``).
+
+Which weights serve is the engine's snapshot (serving.py); ``reading()`` leases it for a
+reader that needs the weights (scoring, evaluation), ``snapshot()`` reads it without the
+weights (info), ``wait_serving(version)`` waits for a flip, and ``flips`` counts them.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from torch import Tensor
 
 from kilnlm.engine.engine import LLMEngine
 from kilnlm.engine.request import RequestOutput
+from kilnlm.engine.serving import Snapshot, VersionRule
 from kilnlm.engine.weights import prepare
+from kilnlm.errors import InvalidArgumentError
 from kilnlm.model import Transformer
 from kilnlm.sampling import SamplingParams
 
@@ -50,6 +56,8 @@ class AsyncLLMEngine:
         self._stats = engine.stats()
         self._error: BaseException | None = None
         self._stopping = False
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        engine.serving.add_listener(self._serving_changed)
         self._thread = threading.Thread(target=self._run, name="kilnlm-engine", daemon=True)
         self._thread.start()
 
@@ -61,19 +69,21 @@ class AsyncLLMEngine:
         prompt_ids: Any,
         params: SamplingParams | None = None,
         deadline: float | None = None,
+        versions: VersionRule | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs (deltas) until the finished one.
 
         Raises ValueError / QueueFull from ``LLMEngine.add_request`` before the first output,
+        the engine's VersionError when ``versions`` rejects the version it would run on,
         EngineDead if the loop stops. Leaving the loop early aborts the request.
         """
         if request_id in self._streams:
-            raise ValueError(f"request_id {request_id!r} is already in use")
+            raise InvalidArgumentError(f"request_id {request_id!r} is already in use", "request_id")
         outputs: asyncio.Queue[Any] = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), outputs)
         try:
             await self._call(
-                lambda: self.engine.add_request(request_id, prompt_ids, params, deadline)
+                lambda: self.engine.add_request(request_id, prompt_ids, params, deadline, versions)
             )
         except BaseException as e:
             self._streams.pop(request_id, None)
@@ -87,6 +97,8 @@ class AsyncLLMEngine:
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
+                if item.error is not None:
+                    raise item.error
                 yield item
         finally:
             self._streams.pop(request_id, None)
@@ -96,12 +108,14 @@ class AsyncLLMEngine:
     async def abort(self, request_id: str) -> bool:
         return await self._call(lambda: self.engine.abort(request_id))
 
-    async def stage(self, source: Transformer | Mapping[str, Tensor], version: int) -> float:
+    async def stage(
+        self, source: Transformer | Mapping[str, Tensor], version: int, payload: Any = None
+    ) -> float:
         """Phase 1: load and check in a worker thread (serving continues), install at a boundary.
         Returns the seconds loading took; raises ValueError on a mismatch, serving untouched."""
         serving = await self._call(lambda: self.engine.check_stage_version(version))
         mode = self.engine.config.swap_mode
-        staged = await asyncio.to_thread(prepare, serving, source, version, mode)
+        staged = await asyncio.to_thread(prepare, serving, source, version, mode, payload)
         await self._call(lambda: self.engine.install_stage(staged))
         return staged.stage_s
 
@@ -111,6 +125,60 @@ class AsyncLLMEngine:
 
     async def abort_stage(self) -> bool:
         return await self._call(self.engine.abort_stage)
+
+    # ---- which weights serve ---------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        """What serves now: for labels and shapes only (reading the weights needs ``reading``)."""
+        return self.engine.serving.current
+
+    @property
+    def flips(self) -> int:
+        """How many times the engine has flipped to new weights."""
+        return self.engine.serving.flips
+
+    @property
+    def committing_version(self) -> int | None:
+        return self.engine.committing_version
+
+    @contextlib.asynccontextmanager
+    async def reading(self) -> AsyncIterator[Snapshot]:
+        """Lease the serving snapshot while reading its weights: a drain flip (which copies new
+        weights into the same tensors) waits until the lease ends. While a drain flip is
+        pending this waits for it, so the reader gets the new weights."""
+        serving = self.engine.serving
+        while (snapshot := serving.try_lease()) is None:
+            await self._changed(lambda: not serving.holding)
+        try:
+            yield snapshot
+        finally:
+            serving.release(snapshot)
+
+    async def wait_serving(self, version: int) -> None:
+        """Return once ``version`` serves (after its commit, at the engine's flip)."""
+        await self._changed(lambda: self.snapshot().version == version)
+
+    async def _changed(self, done: Callable[[], bool]) -> None:
+        """Wait until ``done()`` holds, re-checking after every change of the serving state."""
+        while not done():
+            if not self.healthy:
+                raise EngineDead("the engine loop has stopped")
+            event = asyncio.Event()
+            waiter = (asyncio.get_running_loop(), event)
+            self._waiters.append(waiter)
+            try:
+                if done():
+                    return
+                with contextlib.suppress(TimeoutError):  # also notices a dead loop
+                    await asyncio.wait_for(event.wait(), 1.0)
+            finally:
+                self._waiters.remove(waiter)
+
+    def _serving_changed(self) -> None:
+        """Listener of the engine's serving state (any thread): wake the waiters."""
+        for loop, event in list(self._waiters):
+            with contextlib.suppress(RuntimeError):  # that loop is closed
+                loop.call_soon_threadsafe(event.set)
 
     def stats(self) -> dict[str, Any]:
         """The engine's stats as of the last step (no waiting on the loop)."""
@@ -147,7 +215,7 @@ class AsyncLLMEngine:
         error: BaseException | None = None
         try:
             while not self._stopping:
-                self._run_commands(block=not self.engine.has_unfinished())
+                self._run_commands(block=not self.engine.has_unfinished(), idle=self._idle())
                 if self.engine.has_unfinished() and not self._stopping:
                     self._deliver(self.engine.step())
                     self._stats = self.engine.stats()
@@ -165,9 +233,13 @@ class AsyncLLMEngine:
                 self._closed = True
             self._fail_all(error or EngineDead("the engine loop has stopped"))
 
-    def _run_commands(self, block: bool) -> None:
+    def _idle(self) -> bool:
+        """Nothing to compute, only a flip waiting for readers: don't spin the step loop."""
+        return not self.engine.requests and self.engine.committing_version is not None
+
+    def _run_commands(self, block: bool, idle: bool = False) -> None:
         try:
-            command = self._commands.get(block=block)
+            command = self._commands.get(block=block or idle, timeout=0.005 if idle else None)
         except queue.Empty:
             return
         while True:

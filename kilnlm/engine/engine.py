@@ -7,6 +7,10 @@ tokens with that request's own parameters and generator, and returns a ``Request
 request with news. The Serve replica and the gateway wrap this class; it knows nothing of
 either, and nothing of text except through the optional ``decode`` that stop strings need.
 
+Which weights serve is the engine's to say (serving.py): one ``Snapshot`` (version, model,
+the caller's payload) that changes only at a flip, read by everything that names a version.
+A request's pin_version / min_version are checked against the version it is admitted on.
+
 Determinism: with ``batch_invariant`` (the default) a row's logits are bitwise the same
 whatever else is in the batch, however its prompt was chunked, and whether its keys were
 computed, reused from the prefix cache or recomputed after preemption (see invariant.py); each
@@ -17,7 +21,6 @@ the load, and greedy output equals ``kilnlm.generate`` run under the same numeri
 from __future__ import annotations
 
 import math
-import operator
 import os
 import secrets
 import time
@@ -29,13 +32,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from kilnlm.decoding import (
+    BeamSearch,
+    Continuation,
+    Decode,
+    FinishReason,
+    TokenLogprob,
+    check_request,
+    prompt_token_ids,
+)
 from kilnlm.engine.block_manager import BlockManager
 from kilnlm.engine.invariant import KEY_TILE, batch_invariant
 from kilnlm.engine.paged_cache import PagedCache
-from kilnlm.engine.request import FinishReason, Request, RequestOutput
+from kilnlm.engine.request import Request, RequestOutput
 from kilnlm.engine.scheduler import Chunk, Scheduler
+from kilnlm.engine.serving import ServingState, Snapshot, VersionError, VersionRule
 from kilnlm.engine.weights import StagedWeights, SwapMode, SwapReport, prepare
-from kilnlm.generate import BeamSearch, Decode, TokenLogprob
+from kilnlm.errors import InvalidArgumentError
 from kilnlm.model import Transformer, kv_cache_bytes_per_token
 from kilnlm.sampling import SamplingParams, process_logits, sample, token_logprobs
 
@@ -104,23 +117,6 @@ def free_memory_bytes(device: torch.device) -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def _prompt_ids(prompt: Any, vocab_size: int) -> list[int]:
-    """The prompt as a list of ids, or a ValueError starting with "prompt" saying what to fix."""
-    try:
-        ids = [operator.index(t) for t in prompt]
-    except TypeError:
-        raise ValueError(f"prompt must be a list of int token ids, got {prompt!r:.80}") from None
-    if not ids:
-        raise ValueError("prompt is empty; give at least one token (e.g. the BOS token)")
-    bad = [t for t in ids if not 0 <= t < vocab_size]
-    if bad:
-        raise ValueError(
-            f"prompt has token id {bad[0]} outside the vocabulary [0, {vocab_size}); "
-            "encode it with this model's tokenizer"
-        )
-    return ids
-
-
 class LLMEngine:
     """Continuous-batching generation over one model (two during a hot-swap)."""
 
@@ -131,6 +127,7 @@ class LLMEngine:
         eos_id: int | None = None,
         version: int = 1,
         decode: Decode | None = None,
+        payload: Any = None,
     ):
         self.config = config = config or EngineConfig()
         device = torch.device(config.device) if config.device else model.device
@@ -147,7 +144,7 @@ class LLMEngine:
             raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {cfg.vocab_size})")
         self.device, self.dtype, self.eos_id, self.decode = device, dtype, eos_id, decode
         self.models: dict[int, Transformer] = {version: model}
-        self.serving_version = version
+        self.serving = ServingState(Snapshot(version, model, payload))
         self.bytes_per_token = kv_cache_bytes_per_token(cfg, dtype)
         num_blocks = self._num_blocks(device)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
@@ -163,6 +160,16 @@ class LLMEngine:
         self._retiring: dict[int, float] = {}  # old version -> when it stopped taking requests
         self.last_swap: SwapReport | None = None
         self.num_steps = self.num_generated = 0
+
+    @property
+    def serving_version(self) -> int:
+        return self.serving.current.version
+
+    @property
+    def committing_version(self) -> int | None:
+        """The version committed and waiting to flip (drain mode: until the drain ends)."""
+        commit = self._commit
+        return None if commit is None else commit[0].version
 
     def _num_blocks(self, device: torch.device) -> int:
         c, cfg = self.config, self.model_config
@@ -187,11 +194,13 @@ class LLMEngine:
         prompt_ids: Any,
         params: SamplingParams | None = None,
         deadline: float | None = None,
+        versions: VersionRule | None = None,
     ) -> None:
-        """Queue a request. ``deadline`` is a ``time.monotonic()`` instant.
+        """Queue a request. ``deadline`` is a ``time.monotonic()`` instant; ``versions`` is
+        checked when the request is admitted (a violation ends it "rejected", with ``error``).
 
-        Raises ValueError whose message starts with the bad field (request_id, prompt,
-        max_tokens, num_beams, stop), and QueueFull when max_queue requests are waiting.
+        Raises InvalidArgumentError naming the bad field (request_id, prompt, max_tokens,
+        num_beams, stop), and QueueFull when max_queue requests are waiting.
         """
         params = params if params is not None else SamplingParams()
         prompt = self._validate(request_id, prompt_ids, params)
@@ -207,6 +216,8 @@ class LLMEngine:
             seed=seed,
             generator=torch.Generator(device=self.device).manual_seed(seed),
             deadline=deadline,
+            out=Continuation(params, self.eos_id, self.decode),
+            versions=versions or VersionRule(),
         )
         if request.is_beam:
             request.beam = BeamSearch(prompt, params, self.eos_id)
@@ -215,41 +226,31 @@ class LLMEngine:
 
     def _validate(self, request_id: str, prompt_ids: Any, params: SamplingParams) -> list[int]:
         if not isinstance(request_id, str) or not request_id:
-            raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
+            raise InvalidArgumentError(
+                f"request_id must be a non-empty string, got {request_id!r}", "request_id"
+            )
         if request_id in self.requests:
-            raise ValueError(f"request_id {request_id!r} is already in use")
+            raise InvalidArgumentError(f"request_id {request_id!r} is already in use", "request_id")
         if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+            raise InvalidArgumentError(
+                f"params must be a SamplingParams, got {type(params).__name__}", "params"
+            )
         cfg, c = self.model_config, self.config
-        prompt = _prompt_ids(prompt_ids, cfg.vocab_size)
-        n = len(prompt)
-        if n >= cfg.block_size:
-            raise ValueError(
-                f"prompt has {n} tokens but the context holds {cfg.block_size}, leaving no room to "
-                f"generate; shorten it to at most {cfg.block_size - 1} tokens"
-            )
+        prompt = prompt_token_ids(prompt_ids, "prompt", cfg.vocab_size)
         params.validate_for(c.max_tokens_limit)
-        if n + params.max_tokens > cfg.block_size:
-            raise ValueError(
-                f"max_tokens ({params.max_tokens}) plus the prompt ({n} tokens) exceeds the "
-                f"context ({cfg.block_size}); ask for at most {cfg.block_size - n} new tokens"
-            )
-        if params.stop and self.decode is None:
-            raise ValueError("stop strings need text: this engine was built without decode")
-        if params.stop and params.num_beams > 1:
-            raise ValueError(
-                "stop strings are not supported with num_beams > 1; use stop_token_ids"
-            )
+        check_request("prompt", len(prompt), params, cfg.block_size, self.decode is not None)
         beam_cap = min(c.max_num_seqs, c.max_num_batched_tokens)
         if params.num_beams > beam_cap:
-            raise ValueError(
-                f"num_beams ({params.num_beams}) exceeds what this server runs at once ({beam_cap})"
+            raise InvalidArgumentError(
+                f"num_beams ({params.num_beams}) exceeds what this server runs at once ({beam_cap})",
+                "num_beams",
             )
-        need = params.num_beams * math.ceil((n + params.max_tokens) / c.block_size)
+        need = params.num_beams * math.ceil((len(prompt) + params.max_tokens) / c.block_size)
         if need > self.blocks.num_blocks:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"prompt and max_tokens need up to {need} KV blocks but the server's KV budget holds "
-                f"{self.blocks.num_blocks}; shorten the prompt or ask for fewer tokens"
+                f"{self.blocks.num_blocks}; shorten the prompt or ask for fewer tokens",
+                "max_tokens",
             )
         return prompt
 
@@ -266,13 +267,18 @@ class LLMEngine:
         """Is there work for step(): requests, outputs to hand out, or a commit to flip?"""
         return bool(self.requests) or bool(self._outbox) or self._commit is not None
 
-    def _finish(self, request: Request, reason: FinishReason | None = None) -> None:
-        """End a request (reason given for abort / deadline) and queue its last output."""
+    def _finish(
+        self,
+        request: Request,
+        reason: FinishReason | None = None,
+        error: VersionError | None = None,
+    ) -> None:
+        """End a request (reason given for abort / deadline / rejected) and queue its last output."""
         if reason is not None:
-            request.finish_reason = reason
+            request.end(reason, error)
         self.scheduler.remove(request)
         del self.requests[request.request_id]
-        out = request.take_output(self.decode, self.serving_version)
+        out = request.take_output(self.decode is not None, self.serving_version)
         if out is not None:
             self._outbox.append(out)
 
@@ -286,6 +292,7 @@ class LLMEngine:
         for request in [r for r in self.requests.values() if r.deadline is not None]:
             if now >= request.deadline:  # type: ignore[operator]
                 self._finish(request, "deadline")
+        self._check_versions()
         sched = self.scheduler.schedule(self.serving_version, admit_new=not self._draining)
         self.cache.copy_blocks(sched.copies)
         touched = dict.fromkeys(c.request for c in sched.chunks)
@@ -295,7 +302,7 @@ class LLMEngine:
             if request.finished:
                 self._finish(request)
             else:
-                out = request.take_output(self.decode, self.serving_version)
+                out = request.take_output(self.decode is not None, self.serving_version)
                 if out is not None:
                     self._outbox.append(out)
         self._retire_versions()
@@ -303,6 +310,18 @@ class LLMEngine:
         outputs, self._outbox = self._outbox, []
         self.num_generated += sum(len(o.token_ids) for o in outputs)
         return outputs
+
+    def _check_versions(self) -> None:
+        """Reject the requests about to be admitted whose version rule the serving version
+        breaks: the version checked is the one the scheduler assigns in this same step."""
+        if self._draining:
+            return  # not admitted before the flip: checked against the new version then
+        version = self.serving_version
+        for request in [r for r in self.scheduler.waiting if r.version is None]:
+            try:
+                request.versions.check(version)
+            except VersionError as e:
+                self._finish(request, "rejected", e)
 
     def _forward(self, chunks: list[Chunk]) -> dict[int, Tensor]:
         """One forward pass per (weight version, decode or prefill); marks the tokens computed.
@@ -355,7 +374,7 @@ class LLMEngine:
                     zip(lp.top_ids[j, :n].tolist(), lp.top_logprobs[j, :n].tolist(), strict=True)
                 )
                 entry = TokenLogprob(token, float(lp.chosen[j]), top)
-            request.append(token, entry, self.eos_id, self.decode)
+            request.append(token, entry)
 
     def _beam_step(self, request: Request, logits: Tensor) -> None:
         """Advance a beam search one token: fork the chosen parents (sharing their blocks), free
@@ -376,7 +395,7 @@ class LLMEngine:
             seq.tokens.append(beam.tokens[-1])
         request.seqs = new
         if request.beam.done():
-            request.finish_beams(self.decode)
+            request.finish_beams()
 
     # ---- hot-swap --------------------------------------------------------------------------
 
@@ -389,11 +408,11 @@ class LLMEngine:
         return self.models[self.serving_version]
 
     def prepare_stage(
-        self, source: Transformer | Mapping[str, Tensor], version: int
+        self, source: Transformer | Mapping[str, Tensor], version: int, payload: Any = None
     ) -> StagedWeights:
         """Phase 1, the slow part: load and check weights. Changes nothing in the engine."""
         serving = self.check_stage_version(version)
-        return prepare(serving, source, version, self.config.swap_mode)
+        return prepare(serving, source, version, self.config.swap_mode, payload)
 
     def install_stage(self, staged: StagedWeights) -> None:
         """Phase 1, the quick part: keep the checked weights until commit or abort_stage."""
@@ -403,25 +422,31 @@ class LLMEngine:
             )
         self._staged = staged
 
-    def stage(self, source: Transformer | Mapping[str, Tensor], version: int) -> float:
+    def stage(
+        self, source: Transformer | Mapping[str, Tensor], version: int, payload: Any = None
+    ) -> float:
         """Load and check new weights beside the serving ones; returns the seconds it took.
-        Raises ValueError (naming the tensor) on a mismatch; serving is untouched either way."""
-        staged = self.prepare_stage(source, version)
+        ``payload`` serves beside them from the flip on (``Snapshot.payload``). Raises
+        ValueError (naming the tensor) on a mismatch; serving is untouched either way."""
+        staged = self.prepare_stage(source, version, payload)
         self.install_stage(staged)
         return staged.stage_s
 
     def commit(self, version: int) -> None:
         """Phase 2: flip to the staged version at the next step boundary (drain mode: the first
-        boundary with no request of the old version left); stats()["serving_version"] says when."""
+        boundary with no request and no reader of the old version left); ``serving`` says when."""
         if self._staged is None or self._staged.version != version:
             staged = None if self._staged is None else self._staged.version
             raise ValueError(f"version {version} is not staged (staged: {staged}); stage it first")
         self._commit, self._staged = (self._staged, time.monotonic()), None
+        if self._commit[0].mode == "drain":
+            self.serving.hold()  # new readers wait for the new weights, as new requests do
 
     def abort_stage(self) -> bool:
         """Drop staged weights (or a commit still waiting to flip); True if there was one."""
         dropped = self._staged is not None or self._commit is not None
         self._staged = self._commit = None
+        self.serving.unhold()
         return dropped
 
     @property
@@ -437,13 +462,16 @@ class LLMEngine:
         if staged.mode == "drain":
             if any(r.version is not None for r in self.requests.values()):
                 return  # old-version requests still running: new ones wait (scheduler)
+            if not self.serving.quiet():
+                return  # a score / evaluation still reads the old weights: they are copied over
             model = self.models.pop(old)
             model.load_state_dict(staged.state_dict)  # type: ignore[arg-type]  # copies in place
-            self.models[staged.version] = model
         else:
-            self.models[staged.version] = staged.model  # type: ignore[assignment]
+            model = staged.model  # type: ignore[assignment]
             self._retiring[old] = now
-        self.serving_version, self._commit = staged.version, None
+        self.models[staged.version] = model
+        self._commit = None
+        self.serving.publish(Snapshot(staged.version, model, staged.payload))
         self.last_swap = SwapReport(
             staged.mode, old, staged.version, staged.stage_s, now - committed_at
         )

@@ -1,27 +1,25 @@
 """One request's state inside the engine, and what the engine hands back (``RequestOutput``).
 
 A request owns one ``Sequence`` (or one per live beam), its own ``torch.Generator``, the
-tokens generated so far, and how much of them it has already streamed. Its rules for ending
-mirror ``kilnlm.generate`` exactly, so engine and reference agree token for token: EOS
-("eos"), a stop token id or stop string ("stop"), max_tokens ("length"); the ending token is
-not returned; a stop string cuts the text before it and the ids to the tokens wholly before it.
+tokens generated so far (a ``kilnlm.decoding.Continuation``: the same end rule as
+``kilnlm.generate``, so engine and reference agree token for token), and how much of them it
+has already streamed.
 
 Streaming with stop strings holds back the tokens whose text could still be the start of a
-stop string, so a client never receives tokens that a later step takes back.
+stop string, so a client never receives tokens that a later step takes back. Text is built
+incrementally (``decoding.IncrementalText``): a step costs the same at token 10 and token 4000.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
+from kilnlm.decoding import BeamSearch, Continuation, Decode, FinishReason, TokenLogprob
 from kilnlm.engine.block_manager import Sequence
-from kilnlm.generate import BeamSearch, Decode, TokenLogprob, cut_at_stop_string
+from kilnlm.engine.serving import VersionError, VersionRule
 from kilnlm.sampling import SamplingParams
-
-FinishReason = Literal["eos", "stop", "length", "abort", "deadline"]
 
 
 @dataclass
@@ -37,7 +35,8 @@ class RequestOutput:
     """New text since the last output when the engine has a ``decode``; else None."""
     finished: bool
     finish_reason: FinishReason | None
-    """eos, stop (stop token or string), length (max_tokens), abort, deadline; None while running."""
+    """eos, stop (stop token or string), length (max_tokens), abort, deadline, rejected (see
+    ``error``); None while running."""
     stop_reason: int | str | None
     """The stop token id or stop string that ended the request."""
     version: int
@@ -47,6 +46,8 @@ class RequestOutput:
     """Tokens returned so far, in all outputs of this request together."""
     seed: int
     """The seed of the request's generator (drawn at random when the request gave none)."""
+    error: VersionError | None = None
+    """Why the engine rejected the request when admitting it (finish_reason "rejected")."""
 
 
 @dataclass(eq=False)
@@ -57,18 +58,25 @@ class Request:
     seed: int
     generator: torch.Generator
     deadline: float | None
+    out: Continuation
+    versions: VersionRule = field(default_factory=VersionRule)
+    """pin_version / min_version, checked against the version the engine admits it on."""
     version: int | None = None
     """Fixed when first scheduled; a preempted request keeps it (and its weights)."""
     seqs: list[Sequence] = field(default_factory=list)
     beam: BeamSearch | None = None
-    output: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
     num_emitted: int = 0
     text_emitted: int = 0
-    finish_reason: FinishReason | None = None
-    stop_reason: int | str | None = None
-    final_text: str | None = None
+    error: VersionError | None = None
     num_preemptions: int = 0
+
+    @property
+    def output(self) -> list[int]:
+        return self.out.tokens
+
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        return self.out.finish_reason
 
     @property
     def is_beam(self) -> bool:
@@ -81,72 +89,29 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return self.finish_reason is not None
+        return self.out.finished
 
-    # ---- sampling requests: one token at a time -------------------------------------------
+    def end(self, reason: FinishReason, error: VersionError | None = None) -> None:
+        """End it from outside the stop rule (abort, deadline, rejected)."""
+        self.out.finish_reason, self.error = reason, error
 
-    def append(
-        self, token: int, entry: TokenLogprob | None, eos_id: int | None, decode: Decode | None
-    ) -> None:
-        """Take one sampled token; ends the request if the token or the text says so."""
-        if token == eos_id:
-            self.finish_reason = "eos"
-            return
-        if token in self.params.stop_token_ids:
-            self.finish_reason, self.stop_reason = "stop", token
-            return
-        self.output.append(token)
-        self.seqs[0].tokens.append(token)
-        if entry is not None:
-            self.logprobs.append(entry)
-        if self.params.stop and decode is not None and self._cut_at_stop_string(decode):
-            return
-        if len(self.output) >= self.params.max_tokens:
-            self.finish_reason = "length"
-
-    def _cut_at_stop_string(self, decode: Decode) -> bool:
-        """As ``kilnlm.generate``: cut text before the earliest stop string, ids to the tokens
-        wholly before it."""
-        cut = cut_at_stop_string(self.output, self.params.stop, decode)
-        if cut is None:
-            return False
-        keep, stop, text = cut
-        self.output, self.logprobs = self.output[:keep], self.logprobs[:keep]
-        self.finish_reason, self.stop_reason, self.final_text = "stop", stop, text
-        return True
-
-    def _safe_to_emit(self, decode: Decode | None) -> int:
-        """How many output tokens can be streamed now: all of them, unless the text ends with
-        the beginning of a stop string (those tokens wait for the next step)."""
-        n = len(self.output)
-        if self.finished or not self.params.stop or decode is None:
-            return n
-        text = decode(self.output)
-        longest = max(len(s) for s in self.params.stop) - 1
-        hold = next(
-            (
-                k
-                for k in range(min(longest, len(text)), 0, -1)
-                if any(s.startswith(text[-k:]) for s in self.params.stop)
-            ),
-            0,
-        )
-        while hold and n > self.num_emitted and len(decode(self.output[:n])) > len(text) - hold:
-            n -= 1
-        return n
+    def append(self, token: int, entry: TokenLogprob | None) -> None:
+        """Take one sampled token (sampling requests); the stop rule may end the request."""
+        if self.out.append(token, entry):
+            self.seqs[0].tokens.append(token)
 
     # ---- output --------------------------------------------------------------------------
 
-    def take_output(self, decode: Decode | None, serving_version: int) -> RequestOutput | None:
+    def take_output(self, has_text: bool, serving_version: int) -> RequestOutput | None:
         """The delta since the last output, or None if there is nothing new to say."""
-        n = self._safe_to_emit(decode)
+        n = self.out.safe_to_emit(self.num_emitted)
         if n <= self.num_emitted and not self.finished:
             return None
         ids = self.output[self.num_emitted : n]
-        lps = self.logprobs[self.num_emitted : n] if self.params.logprobs is not None else None
+        lps = self.out.logprobs[self.num_emitted : n] if self.params.logprobs is not None else None
         text = None
-        if decode is not None:
-            visible = self._visible_text(decode, n)
+        if has_text:
+            visible = self.out.visible_text(n)
             text, self.text_emitted = (
                 visible[self.text_emitted :],
                 max(self.text_emitted, len(visible)),
@@ -159,32 +124,21 @@ class Request:
             text=text,
             finished=self.finished,
             finish_reason=self.finish_reason,
-            stop_reason=self.stop_reason,
+            stop_reason=self.out.stop_reason,
             version=self.version if self.version is not None else serving_version,
             num_prompt_tokens=len(self.prompt),
             num_completion_tokens=n,
             seed=self.seed,
+            error=self.error,
         )
-
-    def _visible_text(self, decode: Decode, n: int) -> str:
-        if self.final_text is not None:
-            return self.final_text
-        text = decode(self.output[:n])
-        if not self.finished:  # an incomplete UTF-8 sequence renders as U+FFFD: wait for the rest
-            text = text.rstrip("\ufffd")
-        return text
 
     # ---- beam search ----------------------------------------------------------------------
 
-    def finish_beams(self, decode: Decode | None) -> None:
+    def finish_beams(self) -> None:
         """Adopt the best finished beam as the request's output."""
         assert self.beam is not None
         best = self.beam.best()
-        self.output = list(best.tokens)
-        self.logprobs = list(best.logprobs)
-        self.finish_reason, self.stop_reason = best.finish, best.stop_reason
-        if decode is not None:
-            self.final_text = decode(self.output)
+        self.out.adopt(best.tokens, best.logprobs, best.finish, best.stop_reason)
 
 
-__all__ = ["FinishReason", "Request", "RequestOutput"]
+__all__ = ["Decode", "FinishReason", "Request", "RequestOutput"]

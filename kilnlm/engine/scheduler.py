@@ -23,9 +23,9 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
+from kilnlm.decoding import BeamSearch
 from kilnlm.engine.block_manager import BlockManager, Sequence
 from kilnlm.engine.request import Request
-from kilnlm.generate import BeamSearch
 
 
 @dataclass

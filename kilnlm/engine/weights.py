@@ -11,8 +11,9 @@ staged weights and, on commit (phase 2), flips at its next step boundary:
   and prefix-cache hashes are salted with the version so keys never cross versions). The old
   weights are dropped when their last request ends.
 - "drain": for when two weight sets do not fit on the device. The new weights wait in host
-  memory; new requests wait at the boundary until every request of the old version has
-  finished, then the weights are copied into the serving model in place.
+  memory; new requests (and new readers: scores, evaluations) wait at the boundary until every
+  request and reader of the old version has finished, then the weights are copied into the
+  serving model in place, with nothing reading them.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import copy
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -41,6 +42,8 @@ class StagedWeights:
     state_dict: dict[str, Tensor] | None
     stage_s: float
     """Seconds spent loading and checking."""
+    payload: Any = None
+    """The caller's companion of these weights (``serving.Snapshot.payload``)."""
 
 
 @dataclass
@@ -102,6 +105,7 @@ def prepare(
     source: Transformer | Mapping[str, Tensor],
     version: int,
     mode: SwapMode,
+    payload: Any = None,
 ) -> StagedWeights:
     """Load and check new weights beside ``serving`` (never modified); raises ValueError."""
     t0 = time.perf_counter()
@@ -113,7 +117,7 @@ def prepare(
     param = next(serving.parameters())
     if mode == "drain":  # host memory: the device holds only the serving weights
         host = {k: v.detach().to("cpu", reference[k].dtype, copy=True) for k, v in new_sd.items()}
-        return StagedWeights(version, mode, None, host, time.perf_counter() - t0)
+        return StagedWeights(version, mode, None, host, time.perf_counter() - t0, payload)
     if isinstance(source, Transformer):
         model = source.to(device=param.device, dtype=param.dtype)
     else:
@@ -124,7 +128,7 @@ def prepare(
         p.requires_grad_(False)
     if param.device.type == "cuda":
         torch.cuda.synchronize(param.device)  # count the copy in stage_s, not in the first step
-    return StagedWeights(version, mode, model, None, time.perf_counter() - t0)
+    return StagedWeights(version, mode, model, None, time.perf_counter() - t0, payload)
 
 
 __all__ = [
