@@ -798,6 +798,11 @@ class TokenShards:
             self._maps[i] = np.memmap(self._files[i], dtype=self._dtype, mode="r")
         return self._maps[i]
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but the memory maps: a pickle (to a Ray worker) stays a few hundred bytes
+        whatever the split's size, and the copy reopens the files on its first read."""
+        return {**self.__dict__, "_maps": [None] * len(self._files)}
+
 
 SAMPLE_CHUNK_TOKENS = 1024
 """``sample_split`` reads in chunks of this many tokens: long enough that the cuts between
@@ -820,9 +825,6 @@ def sample_split(shards: TokenShards, budget: int, chunk: int = SAMPLE_CHUNK_TOK
     the first ``budget`` ids alone would be its first one or two documents."""
     parts = [shards.read(a, b - a) for a, b in spread_slices(len(shards), budget, chunk)]
     return np.concatenate(parts) if parts else np.empty(0, dtype=shards.dtype)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_maps": [None] * len(self._files)}
 
 
 # --------------------------------------------------------------------------------------------

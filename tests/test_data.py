@@ -331,8 +331,24 @@ def test_read_any_slice_across_shard_boundaries(built: tuple[Path, CorpusConfig]
         assert np.array_equal(shards.read(start, n), full[start : start + n])
     with pytest.raises(IndexError, match="outside the train split"):
         shards.read(len(full) - 1, 2)
-    clone = pickle.loads(pickle.dumps(shards))  # memory maps are reopened, not copied
+    clone = pickle.loads(pickle.dumps(shards))
     assert np.array_equal(clone.read(90, 20), full[90:110])
+
+
+def test_pickling_drops_the_memory_maps_and_the_copy_reopens_them(
+    built: tuple[Path, CorpusConfig],
+) -> None:
+    shards = TokenShards(built[0], "train")
+    unopened = pickle.dumps(shards)
+    full = shards.read(0, len(shards))  # every shard's map is open now
+    opened = pickle.dumps(shards)
+    assert opened == unopened  # the same bytes: no map, and so no token, goes into the pickle
+    assert len(opened) < full.nbytes // 2
+    clone = pickle.loads(opened)
+    assert np.array_equal(clone.read(0, len(clone)), full)
+    for i, file in enumerate(shards._files):  # reopened from the same files, read-only
+        assert isinstance(clone._map(i), np.memmap) and clone._map(i).mode == "r"
+        assert Path(clone._map(i).filename) == file.resolve()
 
 
 def test_manifest_records_what_readers_need(built: tuple[Path, CorpusConfig]) -> None:
