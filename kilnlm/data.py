@@ -168,14 +168,23 @@ def iter_documents(paths: Iterable[str | Path]) -> Iterator[Document]:
     non-text filter then counts); each line of a .jsonl file is ``{"text": ...}``.
     """
     for path in _list_files(paths):
+        text = decode_text(path.read_bytes())
         if path.suffix in JSONL_SUFFIXES:
-            yield from _read_jsonl(path)
+            yield from parse_jsonl(text, str(path))
         else:
-            yield Document(path.read_text(encoding="utf-8", errors="replace"), str(path))
+            yield Document(text, str(path))
 
 
-def _list_files(paths: Iterable[str | Path]) -> Iterator[Path]:
-    suffixes = TEXT_SUFFIXES + JSONL_SUFFIXES
+def decode_text(raw: bytes) -> str:
+    """A file's bytes as ``Path.read_text(encoding="utf-8", errors="replace")`` reads them: bytes
+    that are not UTF-8 become U+FFFD, and \\r\\n or \\r line ends become \\n. Both builders
+    read through this one function, so they see the same text."""
+    return raw.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _list_files(
+    paths: Iterable[str | Path], suffixes: tuple[str, ...] = TEXT_SUFFIXES + JSONL_SUFFIXES
+) -> Iterator[Path]:
     for raw in paths:
         path = Path(raw)
         if path.is_file():
@@ -189,22 +198,20 @@ def _list_files(paths: Iterable[str | Path]) -> Iterator[Path]:
             )
 
 
-def _read_jsonl(path: Path) -> Iterator[Document]:
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(
-                    f"{path}:{lineno} is not valid JSON ({e.msg}); fix or remove it"
-                ) from e
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(
-                    f'{path}:{lineno} must be a JSON object with a string "text" field'
-                )
-            yield Document(record["text"], f"{path}:{lineno}")
+def parse_jsonl(text: str, path: str) -> Iterator[Document]:
+    """The ``{"text": ...}`` records of a JSONL file's text, named ``path:line``."""
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{path}:{lineno} is not valid JSON ({e.msg}); fix or remove it"
+            ) from e
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ValueError(f'{path}:{lineno} must be a JSON object with a string "text" field')
+        yield Document(record["text"], f"{path}:{lineno}")
 
 
 def stdlib_root() -> Path:
@@ -235,7 +242,7 @@ def default_corpus(
 
     def docs() -> Iterator[Document]:
         for path in _stdlib_files(include_tests):
-            text = path.read_text(encoding="utf-8", errors="replace")
+            text = decode_text(path.read_bytes())
             yield Document(text, f"stdlib:{path.relative_to(root).as_posix()}")
 
     return take(docs(), max_documents, max_bytes)
@@ -250,17 +257,25 @@ def take(
     fit), so one huge file early in the order cannot starve the corpus; reading stops once 99% of
     the budget is used.
     """
+    sized = ((doc, len(doc.text.encode("utf-8"))) for doc in docs)
+    return (doc for doc, _ in within_caps(sized, max_documents, max_bytes))
+
+
+def within_caps(
+    sized: Iterable[tuple[Any, int]], max_documents: int | None, max_bytes: int | None
+) -> Iterator[tuple[Any, int]]:
+    """The (item, size) pairs ``take`` keeps, in order; stops reading once the caps are reached.
+    ``kiln corpus`` applies the caps through this too, on sizes alone."""
     n_docs = n_bytes = 0
-    for doc in docs:
+    for item, size in sized:
         if max_documents is not None and n_docs >= max_documents:
             return
-        size = len(doc.text.encode("utf-8"))
         if max_bytes is not None and n_bytes + size > max_bytes:
             if n_bytes >= 0.99 * max_bytes:
                 return
             continue
         n_docs, n_bytes = n_docs + 1, n_bytes + size
-        yield doc
+        yield item, size
 
 
 def read_corpus(cfg: CorpusConfig) -> Iterator[Document]:
@@ -314,6 +329,16 @@ def heldout_score(text: str) -> float:
     return _hash64(text) / 2**64
 
 
+def heldout_mask(scores: Sequence[float], fraction: float) -> list[bool]:
+    """Which documents (by ``heldout_score``, in corpus order) ``split_heldout`` holds out."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"heldout fraction must be in [0, 1), got {fraction}")
+    held = [s < fraction for s in scores]
+    if fraction > 0 and len(scores) >= 2 and not any(held):
+        held[int(np.argmin(scores))] = True
+    return held
+
+
 def split_heldout(
     docs: Sequence[Document], fraction: float
 ) -> tuple[list[Document], list[Document]]:
@@ -323,12 +348,7 @@ def split_heldout(
     present. When ``fraction > 0`` and no document scores under it (tiny corpora), the one with
     the lowest score is held out so evaluation always has data.
     """
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"heldout fraction must be in [0, 1), got {fraction}")
-    scores = [heldout_score(d.text) for d in docs]
-    held = [s < fraction for s in scores]
-    if fraction > 0 and len(docs) >= 2 and not any(held):
-        held[int(np.argmin(scores))] = True
+    held = heldout_mask([heldout_score(d.text) for d in docs], fraction)
     train = [d for d, h in zip(docs, held, strict=True) if not h]
     heldout = [d for d, h in zip(docs, held, strict=True) if h]
     return train, heldout
@@ -403,14 +423,18 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-def corpus_fingerprint(cfg: CorpusConfig, vocab_size: int) -> str:
+def corpus_fingerprint(
+    cfg: CorpusConfig, vocab_size: int, listing: list[tuple[str, int, int]] | None = None
+) -> str:
     """Hash of what determines the built corpus: config, vocab size, every source file's
-    (path, size, mtime) and the versions of the tools that shape the output."""
-    if cfg.sources:
-        files = list(_list_files(cfg.sources))
-    else:
-        files = _stdlib_files(cfg.include_stdlib_tests)
-    listing = [(str(p), (st := p.stat()).st_size, st.st_mtime_ns) for p in files]
+    (path, size, mtime) and the versions of the tools that shape the output. ``listing`` gives
+    the files where they are not local paths (``kiln corpus`` on object storage)."""
+    if listing is None:
+        if cfg.sources:
+            files = list(_list_files(cfg.sources))
+        else:
+            files = _stdlib_files(cfg.include_stdlib_tests)
+        listing = [(str(p), (st := p.stat()).st_size, st.st_mtime_ns) for p in files]
     key = {
         "format_version": FORMAT_VERSION,
         "config": asdict(cfg),
@@ -572,6 +596,19 @@ def build_corpus(
         for name, split_docs in zip(SPLITS, (train, heldout), strict=True)
     }
     clock.lap("encode")
+    return save_manifest(out_dir, tok, splits, stats, cfg, fingerprint, clock.laps)
+
+
+def save_manifest(
+    out_dir: Path,
+    tok: Tokenizer,
+    splits: dict[str, SplitInfo],
+    stats: FilterStats,
+    cfg: CorpusConfig,
+    fingerprint: str,
+    laps: dict[str, float],
+) -> CorpusManifest:
+    """Write the manifest that marks a build complete (both builders end here)."""
     manifest = CorpusManifest(
         vocab_size=tok.vocab_size,
         dtype=token_dtype(tok.vocab_size).name,
@@ -581,8 +618,8 @@ def build_corpus(
         stats=stats,
         config=asdict(cfg),
         fingerprint=fingerprint,
-        build_seconds=round(sum(clock.laps.values()), 3),
-        stage_seconds=clock.laps,
+        build_seconds=round(sum(laps.values()), 3),
+        stage_seconds=laps,
     )
     manifest.save(out_dir)
     return manifest

@@ -28,6 +28,7 @@ from kilnlm.data import (
     _ShardWriter,
     build_corpus,
     clean,
+    decode_text,
     default_corpus,
     get_batch,
     is_generated,
@@ -115,6 +116,15 @@ def write_corpus(root: Path, docs: list[Document]) -> Path:
 def test_config_errors_name_the_field(name: str, kwargs: dict) -> None:
     with pytest.raises(ValueError, match=f"CorpusConfig.{name} "):
         CorpusConfig(**kwargs)
+
+
+def test_decode_text_reads_bytes_as_read_text_does(tmp_path: Path) -> None:
+    """Both builders read through decode_text; it must equal the text-mode read it replaced."""
+    raw = b"\xef\xbb\xbfa\r\nb\rc\n\xff\xfe caf\xc3\xa9 \xe6\x97\xa5\r\n\r\r\n\xc3"
+    path = tmp_path / "odd.txt"
+    path.write_bytes(raw)
+    assert decode_text(raw) == path.read_text(encoding="utf-8", errors="replace")
+    assert decode_text(raw).count("\ufffd") == 3
 
 
 def test_iter_documents_reads_text_files_and_jsonl(tmp_path: Path) -> None:
