@@ -15,6 +15,7 @@ Train V2 finds the run's checkpoint list in storage and hands the newest checkpo
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import threading
@@ -40,6 +41,8 @@ from kilnlm.cluster.metrics import History, TensorBoardLog, plot_loss, write_csv
 from kilnlm.cluster.worker import WorkerSpec, train_loop_per_worker
 from kilnlm.data import CorpusManifest, build_corpus
 from kilnlm.model import ModelConfig
+from kilnlm.posttrain.job import PostTrainConfig
+from kilnlm.train import TrainConfig
 
 POLL_S = 0.5
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
@@ -170,8 +173,6 @@ def launch(
             f"TrainConfig.seq_len ({train_cfg.seq_len}) exceeds the model's block_size "
             f"({model_cfg.block_size}); lower seq_len or raise block_size"
         )
-    ensure_ray(cc.workers * cc.cpus_per_worker)
-    gpu = use_gpu(cc)
     spec = WorkerSpec(
         model=model_cfg,
         train=train_cfg,
@@ -180,6 +181,15 @@ def launch(
         run_uri=cc.run_uri,
         hook=hook or hook_from_config(cc.hook_actor, cc.hook_namespace),
     )
+    return launch_spec(spec, raise_on_error)
+
+
+def launch_spec(spec: WorkerSpec, raise_on_error: bool = True) -> RunResult:
+    """Run a ready ``WorkerSpec`` on Ray Train: ``launch`` for pretraining, ``kilnlm.posttrain``
+    (through ``kiln finetune``/``reward``/``dpo``) for a post-training objective."""
+    cc, train_cfg = spec.cluster, spec.train
+    ensure_ray(cc.workers * cc.cpus_per_worker)
+    gpu = use_gpu(cc)
     # V2's controller takes one report per worker each time it polls the workers (every 2 s by
     # default) and a worker's result queue holds one report, so a worker reporting more often
     # than that blocks. Poll faster unless the user chose (Ray propagates this to the controller).
@@ -191,6 +201,39 @@ def launch(
     if result.error is not None and raise_on_error:
         raise result.error
     return result
+
+
+def launch_posttrain(
+    cfg: PostTrainConfig, train: TrainConfig, cluster: ClusterConfig
+) -> tuple[dict[str, Any] | None, RunResult]:
+    """SFT, reward model or DPO (``cfg.objective``) from ``cfg.parent``: prepare the data and the
+    plug-in here, train on the one worker, then score and export to ``cfg.out``.
+
+    Returns (summary, run); the summary is None when the run failed (``run.error`` says why).
+    """
+    from kilnlm.checkpoint import config_from_hf
+    from kilnlm.posttrain.job import finish, prepare
+
+    model_cfg = config_from_hf(json.loads((Path(cfg.parent) / "config.json").read_text()))
+    if train.seq_len > model_cfg.block_size:
+        raise ValueError(
+            f"--seq-len {train.seq_len} exceeds the parent's context ({model_cfg.block_size}); "
+            f"pass --seq-len {model_cfg.block_size} or less"
+        )
+    prep = prepare(cfg, train.seq_len, train.batch_size, train.seed)
+    spec = WorkerSpec(
+        model=model_cfg,
+        train=resolve_grad_accum(replace(train, objective=cfg.objective), cluster, cluster.workers),
+        cluster=cluster,
+        data_dir=str(Path(cfg.parent).absolute()),
+        run_uri=cluster.run_uri,
+        hook=hook_from_config(cluster.hook_actor, cluster.hook_namespace),
+        posttrain=prep.plugin,
+    )
+    result = launch_spec(spec, raise_on_error=False)
+    if result.error is not None or not result.exports:
+        return None, result
+    return finish(result.exports[-1], prep, cfg), result
 
 
 def build_trainer(spec: WorkerSpec, gpu: bool, sink: Any) -> TorchTrainer:
@@ -331,6 +374,8 @@ __all__ = [
     "ensure_ray",
     "join_uri",
     "launch",
+    "launch_posttrain",
+    "launch_spec",
     "prepare_data",
     "use_gpu",
     "with_overrides",

@@ -47,8 +47,10 @@ from kilnlm.cluster.parallelize import build_mesh, local_fraction, parallelize
 from kilnlm.data import TokenShards, get_batch, steps_per_epoch
 from kilnlm.mlm import MaskingConfig, evaluate_mlm, mask_tokens, mlm_generator
 from kilnlm.model import ModelConfig, Transformer, flops_per_token
+from kilnlm.posttrain.plugin import PostTrainPlugin
 from kilnlm.tokenizer import Tokenizer
 from kilnlm.train import (
+    TOKEN_LOSS,
     Batch,
     TrainConfig,
     autocast_dtype_for,
@@ -74,6 +76,10 @@ class WorkerSpec:
     data_dir: str
     run_uri: str
     hook: CheckpointHook | None = None
+    posttrain: PostTrainPlugin | None = None
+    """A post-training objective (SFT, reward model, DPO): it supplies the starting weights, the
+    batches, the loss and the held-out figures; the loop, sharding, checkpoints and exports stay
+    these. ``data_dir`` is then the parent export (for its tokenizer)."""
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -110,9 +116,12 @@ class WorkerLoop:
         self.cfg, self.cc = spec.train, spec.cluster
         self.stop = min(self.cfg.max_steps, self.cc.stop_at_step or self.cfg.max_steps)
         self.tokenizer = Tokenizer.load(spec.data_dir)
-        self.shards = TokenShards(spec.data_dir, "train")
+        self.shards = None if spec.posttrain else TokenShards(spec.data_dir, "train")
+        self.objective = spec.posttrain.loss if spec.posttrain else TOKEN_LOSS
         self.param_dtype = autocast_dtype_for(self.cfg, device)
         self.model = self._build_model()
+        if spec.posttrain is not None:  # start from the parent export (before any resume)
+            spec.posttrain.init_weights(self.model)
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.flops_per_token = flops_per_token(spec.model, self.cfg.seq_len)
         self.tokens_per_step = self.cfg.tokens_per_step * world_size
@@ -159,7 +168,7 @@ class WorkerLoop:
     def _eval_batches(self) -> list[Batch]:
         """This rank's fixed held-out batches (disjoint from other ranks'); [] if the split is
         too small to give every rank one batch."""
-        if self.cfg.eval_every == 0:
+        if self.cfg.eval_every == 0 or self.spec.posttrain is not None:
             return []
         heldout = TokenShards(self.spec.data_dir, "heldout")
         B, T = self.cfg.batch_size, self.cfg.seq_len
@@ -281,6 +290,7 @@ class WorkerLoop:
                 self.cfg,
                 step,
                 autocast_dtype=self.autocast_dtype,
+                objective=self.objective,
             )
         t2 = time.perf_counter()
         self.state.step = step + 1
@@ -294,7 +304,11 @@ class WorkerLoop:
         return metrics
 
     def batch(self, index: int) -> Batch:
-        """Micro-batch ``index`` of this rank: clm (x, next tokens) or mlm (masked x, originals)."""
+        """Micro-batch ``index`` of this rank: clm (x, next tokens) or mlm (masked x, originals);
+        a post-training plug-in's own tuple of tensors."""
+        if self.spec.posttrain is not None:
+            micro = self.spec.posttrain.batch(index, self.rank, self.world)
+            return tuple(t.to(self.device, non_blocking=True) for t in micro)
         x, y = get_batch(
             self.shards,
             self.cfg.batch_size,
@@ -317,6 +331,8 @@ class WorkerLoop:
     def heldout(self, step: int, force: bool = False) -> dict[str, float]:
         """Held-out metrics averaged over ranks (every rank scores as many batches, so the mean
         of rank means is the global mean); {} when not an eval step."""
+        if self.spec.posttrain is not None:
+            return self.posttrain_heldout(step, force)
         if not self.eval_batches or not (force or is_eval_step(step, self.cfg)):
             return {}
         if self.cfg.objective == "mlm":
@@ -333,6 +349,14 @@ class WorkerLoop:
             ]
             keys = ["heldout_loss"]
         return dict(zip(keys, self.mean_over_ranks(values), strict=True))
+
+    def posttrain_heldout(self, step: int, force: bool) -> dict[str, float]:
+        if self.cfg.eval_every == 0 or not (force or is_eval_step(step, self.cfg)):
+            return {}
+        figures = self.spec.posttrain.heldout(
+            self.model, self.rank, self.world, self.autocast_dtype
+        )
+        return dict(zip(figures, self.mean_over_ranks(list(figures.values())), strict=True))
 
     def mean_over_ranks(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
@@ -414,6 +438,7 @@ class WorkerLoop:
                     heldout_loss=self.state.heldout_loss,
                     objective=self.cfg.objective,
                     run=self.cc.name,
+                    **(self.spec.posttrain.manifest_fields() if self.spec.posttrain else {}),
                 )
         name = checkpoint_dir_name(self.state.step, self.state.resumed_from)
         return (directory, name), timings
@@ -483,6 +508,7 @@ class WorkerLoop:
                 self.cfg,
                 step,
                 autocast_dtype=self.autocast_dtype,
+                objective=self.objective,
             )
         wall = time.perf_counter() - t
         comm_us = sum(

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,8 @@ IGNORE_INDEX = -100
 
 Batch = tuple[Tensor, Tensor]
 """(x, y): input ids (B, T) and targets (B, T), targets ``IGNORE_INDEX`` where not scored."""
+
+OBJECTIVES = ("clm", "mlm", "sft", "reward", "dpo")
 
 # --------------------------------------------------------------------------------------------
 # Config
@@ -69,8 +71,10 @@ class TrainConfig:
     eval_batches: int = 20
     """Held-out micro-batches per evaluation."""
     seed: int = 1337
-    objective: Literal["clm", "mlm"] = "clm"
-    """clm: next-token prediction; mlm: masked-token prediction (needs a causal=False model)."""
+    objective: Literal["clm", "mlm", "sft", "reward", "dpo"] = "clm"
+    """clm: next-token prediction; mlm: masked-token prediction (needs a causal=False model);
+    sft, reward, dpo: post-training objectives (``kilnlm.posttrain``), which bring their own
+    batches and loss through an ``Objective``."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 autocast on CUDA, fp32 elsewhere."""
     log_every: int = 10
@@ -98,7 +102,7 @@ class TrainConfig:
             ("grad_accum_steps", self.grad_accum_steps >= 1, ">= 1"),
             ("eval_every", self.eval_every >= 0, ">= 0 (0 never evaluates)"),
             ("eval_batches", self.eval_batches >= 1, ">= 1"),
-            ("objective", self.objective in ("clm", "mlm"), "'clm' or 'mlm'"),
+            ("objective", self.objective in OBJECTIVES, " or ".join(map(repr, OBJECTIVES))),
             ("precision", self.precision in ("auto", "fp32", "bf16"), "'auto', 'fp32' or 'bf16'"),
             ("log_every", self.log_every >= 1, ">= 1"),
             ("checkpoint_every", self.checkpoint_every >= 0, ">= 0 (0 never saves)"),
@@ -228,6 +232,34 @@ def n_scored(targets: Tensor) -> Tensor:
     return (targets != IGNORE_INDEX).sum()
 
 
+class Objective(Protocol):
+    """What one micro-batch costs: the plug-in point of ``train_step`` for every objective.
+
+    ``count`` is known before any forward (``train_step`` divides each micro-batch's summed
+    loss by the whole step's count before ``backward``); ``loss_sum`` runs the forward. A
+    micro-batch is a tuple of tensors whose first is the input ids; what the others mean is
+    the objective's business (targets, last-token indices, reference log-probs, ...).
+    """
+
+    def count(self, batch: tuple[Tensor, ...]) -> Tensor: ...
+
+    def loss_sum(self, model: nn.Module, batch: tuple[Tensor, ...]) -> Tensor: ...
+
+
+class TokenLoss:
+    """clm, mlm and sft: summed cross-entropy over the targets that are not ``IGNORE_INDEX``."""
+
+    def count(self, batch: tuple[Tensor, ...]) -> Tensor:
+        return n_scored(batch[1])
+
+    def loss_sum(self, model: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
+        x, y = batch
+        return lm_loss(model(x), y, reduction="sum")  # logits (B, T, V)
+
+
+TOKEN_LOSS = TokenLoss()
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     if dtype is None:
         return contextlib.nullcontext()
@@ -267,13 +299,14 @@ def train_step(
     cfg: TrainConfig,
     step: int,
     autocast_dtype: torch.dtype | None = None,
+    objective: Objective = TOKEN_LOSS,
 ) -> StepMetrics:
     """One optimiser step over ``cfg.grad_accum_steps`` micro-batches (already on the device).
 
-    Each micro-batch's summed loss is divided by the number of scored tokens in the *whole*
-    step before ``backward``, so the accumulated gradient is exactly that of the mean loss over
-    one big batch, even when micro-batches score different numbers of tokens (a plain
-    1/grad_accum_steps is only right when they all score the same number).
+    Each micro-batch's summed loss is divided by the number of scored items (tokens, or pairs
+    for the preference objectives) in the *whole* step before ``backward``, so the accumulated
+    gradient is exactly that of the mean loss over one big batch, even when micro-batches score
+    different numbers (a plain 1/grad_accum_steps is only right when they all score the same).
     """
     start = time.perf_counter()
     batches = list(batches)
@@ -284,12 +317,11 @@ def train_step(
         )
     lr = lr_at(step, cfg)
     set_lr(optimizer, lr)
-    total_scored = sum(n_scored(y) for _, y in batches).clamp(min=1)
+    total_scored = sum(objective.count(b) for b in batches).clamp(min=1)
     loss_sum = torch.zeros((), device=batches[0][0].device)
-    for x, y in batches:
-        with autocast(x.device, autocast_dtype):
-            logits = model(x)  # (B, T, V)
-        micro_sum = lm_loss(logits, y, reduction="sum")
+    for batch in batches:
+        with autocast(batch[0].device, autocast_dtype):
+            micro_sum = objective.loss_sum(model, batch).float()
         (micro_sum / total_scored).backward()
         loss_sum += micro_sum.detach()
     grad_norm = clip_gradients(model, cfg.grad_clip)
@@ -301,7 +333,7 @@ def train_step(
         loss=loss,
         grad_norm=grad_norm,
         lr=lr,
-        tokens=sum(x.numel() for x, _ in batches),
+        tokens=sum(b[0].numel() for b in batches),
         seconds=time.perf_counter() - start,
     )
 
@@ -423,8 +455,12 @@ def show(bar: Any, m: StepMetrics) -> None:
 
 __all__ = [
     "IGNORE_INDEX",
+    "OBJECTIVES",
+    "TOKEN_LOSS",
     "Batch",
+    "Objective",
     "StepMetrics",
+    "TokenLoss",
     "TrainConfig",
     "autocast_dtype_for",
     "build_optimizer",
