@@ -91,7 +91,7 @@ def serve_until_interrupted(config: ServeConfig, ray_address: str | None = None)
 
     import ray
 
-    from kilnlm.actors.loop import ENV
+    from kilnlm.actors.runtime_env import ENV
 
     env = {"env_vars": dict(ENV)}
     if ray_address is not None:

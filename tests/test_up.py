@@ -1,6 +1,6 @@
 """`kiln up`, the main job, for real: Ray Train workers, the orchestrator, Serve replicas, gRPC.
 
-One end-to-end run of ``kilnlm.actors.loop.run_up`` with tiny settings (test-1m, 24 steps, a
+One end-to-end run of ``kilnlm.actors.up_app.run_up`` with tiny settings (test-1m, 24 steps, a
 checkpoint every 8) inside the session's Ray: the trainer's hook registers each export, the
 orchestrator validates and auto-promotes it into 2 empty replicas, the watcher asks each new
 version for a greedy generation through gRPC, and background streams run throughout. The
@@ -29,7 +29,7 @@ STEPS, EVERY = 24, 8
 
 @pytest.fixture(scope="module")
 def summary(ray_cluster, tiny_corpus, tmp_path_factory):
-    from kilnlm.actors.loop import LoadConfig, UpConfig, default_serve, run_up
+    from kilnlm.actors.up_app import LoadConfig, UpConfig, default_serve, run_up
 
     train = TrainConfig(
         lr=3e-3,
@@ -59,7 +59,7 @@ def summary(ray_cluster, tiny_corpus, tmp_path_factory):
     )
     config = UpConfig(
         job=job,
-        serve=replace(default_serve(), port=0, app_name=APP),
+        serve=replace(default_serve(), port=0, http_port=0, app_name=APP),
         load=LoadConfig(clients=2, max_tokens=16),
         prompt_tokens=16,
         exit_after=0,
@@ -176,7 +176,7 @@ def test_cluster_flags_reach_the_job_unchanged() -> None:
 
 
 def test_object_store_storage_is_refused_naming_the_field() -> None:
-    from kilnlm.actors.loop import UpConfig, default_job
+    from kilnlm.actors.up_app import UpConfig, default_job
 
     job = default_job()
     job = replace(job, cluster=replace(job.cluster, storage_path="s3://bucket/kiln"))

@@ -3,7 +3,7 @@
 ``--local`` (the default) starts local Ray and runs the loop here; ``--ray-address ADDRESS`` joins
 a running cluster and runs it here (what the job does on a head node); ``--cluster ADDRESS``
 submits it as a Ray job to that dashboard address and follows its output. This module parses
-and delegates to ``kilnlm.actors.loop``; Ray is imported only inside the command.
+and delegates to ``kilnlm.actors.up_app``; Ray is imported only inside the command.
 """
 
 from __future__ import annotations
@@ -79,14 +79,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def job_from_args(args: argparse.Namespace) -> Any:  # -> JobConfig (imports stay inside)
     """The --config file's JobConfig (or the laptop default of ``kiln up``), then the flags."""
-    from kilnlm.actors.loop import default_job
+    from kilnlm.actors.up_app import default_job
     from kilnlm.cli.training import job_from_args as with_flags
 
     return with_flags(args, default=default_job)
 
 
 def serve_from_args(args: argparse.Namespace, token: str | None) -> Any:  # -> ServeConfig
-    from kilnlm.actors.loop import default_serve
+    from kilnlm.actors.up_app import default_serve
     from kilnlm.config import from_dict, read_file
     from kilnlm.serving_config import ServeConfig
 
@@ -98,7 +98,7 @@ def serve_from_args(args: argparse.Namespace, token: str | None) -> Any:  # -> S
 
 
 def up_config(args: argparse.Namespace, token: str | None) -> Any:  # -> UpConfig
-    from kilnlm.actors.loop import LoadConfig, UpConfig
+    from kilnlm.actors.up_app import LoadConfig, UpConfig
 
     given = {
         k: getattr(args, k)
@@ -112,7 +112,7 @@ def up_config(args: argparse.Namespace, token: str | None) -> Any:  # -> UpConfi
 def cmd_up(args: argparse.Namespace) -> int:
     if args.cluster:
         return cmd_submit(args)
-    from kilnlm.actors.loop import admin_token, run_up
+    from kilnlm.actors.up_app import admin_token, run_up
 
     cfg = up_config(args, admin_token(local=args.ray_address is None, say=print))
     # Ctrl-C must stop the loop even when a shell started it in the background (SIGINT ignored).
@@ -128,7 +128,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from kilnlm.actors.loop import submit_up
+    from kilnlm.actors.up_app import submit_up
 
     token = os.environ.get("KILN_ADMIN_TOKEN")
     if not token:
