@@ -75,6 +75,9 @@ class GenerationChunk:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     """One per token id when the request asked for logprobs."""
     finish: Finish | None = None
+    model_version: int = 0
+    """The version whose weights produced these tokens (one per request: DESIGN.md, "Versions"),
+    so a stream can name it before its end (the HTTP ingress's header); 0: not known."""
 
 
 def merge_chunks(chunks: list[GenerationChunk]) -> GenerationChunk:
@@ -85,6 +88,7 @@ def merge_chunks(chunks: list[GenerationChunk]) -> GenerationChunk:
         token_ids=[t for c in chunks for t in c.token_ids],
         logprobs=[lp for c in chunks for lp in c.logprobs],
         finish=next((c.finish for c in reversed(chunks) if c.finish is not None), None),
+        model_version=next((c.model_version for c in chunks if c.model_version), 0),
     )
 
 

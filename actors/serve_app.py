@@ -3,9 +3,11 @@
     app = build_app(config)                  # Gateway(LLMServer) bound, not yet running
     address = run(config)                    # deploy on the connected Ray cluster; "host:port"
 
-Serve is started with its HTTP proxy disabled: clients reach the application only through the
-Gateway's own gRPC server (see gateway.py for why not Serve's gRPC proxy), so two applications
-(two ``app_name``s, two ports) can share one cluster.
+gRPC clients reach the application through the Gateway's own gRPC server (see gateway.py for
+why not Serve's gRPC proxy). With ``http_port`` (default 8000) the OpenAI-compatible API
+(``openai_api.py``) is the application's root on Serve's HTTP proxy; Serve has one proxy per
+cluster, so a second application on the same cluster runs with ``http_port=0`` (proxy
+disabled), and two such applications (two ``app_name``s, two gRPC ports) share one cluster.
 """
 
 from __future__ import annotations
@@ -43,15 +45,21 @@ def deployment_options(config: ServeConfig) -> dict[str, Any]:
 
 
 def build_app(config: ServeConfig) -> serve.Application:
-    """The application graph: one Gateway holding a handle to the LLMServer deployment."""
+    """The application graph: one Gateway holding a handle to the LLMServer deployment, and
+    with ``http_port`` the OpenAI HTTP ingress at its root, holding both (one app, one delete)."""
     llm = LLMServer.options(**deployment_options(config)).bind(config)
-    gateway = Gateway.options(
-        ray_actor_options={
+    front = {
+        "ray_actor_options": {
             "num_cpus": config.gateway_num_cpus,
             "resources": dict(config.gateway_resources),
         }
-    )
-    return gateway.bind(llm, config)
+    }
+    gateway = Gateway.options(**front).bind(llm, config)
+    if not config.http_port:
+        return gateway
+    from kilnlm.actors.openai_api import OpenAIServer
+
+    return OpenAIServer.options(**front).bind(llm, gateway, config)
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
@@ -73,13 +81,57 @@ def run(config: ServeConfig) -> str:
 
     Returns once every replica has loaded its model (Serve waits for the constructors).
     """
-    serve.start(proxy_location=ProxyLocation.Disabled)
+    start_serve(config)
     # No per-call access log: the gateway's health poll alone would write two lines a second.
     logging = {"enable_access_log": False}
     handle = serve.run(
-        build_app(config), name=config.app_name, route_prefix=None, logging_config=logging
+        build_app(config),
+        name=config.app_name,
+        route_prefix="/" if config.http_port else None,
+        logging_config=logging,
     )
     return handle.address.remote().result()
+
+
+def start_serve(config: ServeConfig) -> None:
+    """Start Serve (its HTTP proxy on ``host:http_port`` when asked), or check that the running
+    one listens where this config wants: Serve has one HTTP proxy per cluster and would silently
+    keep the old one (a warning in a log), leaving the API unreachable."""
+    if not config.http_port:
+        serve.start(proxy_location=ProxyLocation.Disabled)
+        return
+    serve.start(
+        proxy_location=ProxyLocation.HeadOnly,
+        http_options={"host": config.host, "port": config.http_port},
+    )
+    running = http_listening(config.host)
+    if running != config.http_port:
+        where = "is off" if running is None else f"listens on port {running}"
+        raise RuntimeError(
+            f"Ray Serve already runs on this cluster and its HTTP proxy {where}: start this app "
+            f"with http_port {running or 0}, or shut Serve down first (serve.shutdown())"
+        )
+
+
+def http_listening(host: str) -> int | None:
+    """The port the running Serve's HTTP proxy listens on (None: no proxy, or another host)."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client()
+    location = ray.get(client._controller.get_proxy_location.remote())
+    http = client.http_config
+    if location == ProxyLocation.Disabled or http.host != host:
+        return None
+    return int(http.port)
+
+
+def http_url(config: ServeConfig) -> str | None:
+    """Base URL of the OpenAI API (``…/v1``), None when it is off."""
+    if not config.http_port:
+        return None
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    return f"http://{host}:{config.http_port}/v1"
 
 
 def serve_until_interrupted(config: ServeConfig, ray_address: str | None = None) -> int:
@@ -101,7 +153,9 @@ def serve_until_interrupted(config: ServeConfig, ray_address: str | None = None)
     try:
         address = run(config)
         what = config.checkpoint or "no model (waiting for a promotion)"
-        print(f"kiln: serving {what} on {address} (grpc); Ctrl-C to stop", flush=True)
+        url = http_url(config)
+        http = f" and {url} (OpenAI HTTP, model {config.model_id!r})" if url else ""
+        print(f"kiln: serving {what} on {address} (grpc){http}; Ctrl-C to stop", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -121,7 +175,10 @@ __all__ = [
     "app_builder",
     "build_app",
     "deployment_options",
+    "http_listening",
+    "http_url",
     "llm_handle",
     "run",
     "serve_until_interrupted",
+    "start_serve",
 ]

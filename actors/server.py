@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import torch
 from ray import serve
@@ -136,6 +137,11 @@ class LLMServer:
 
     async def info(self) -> ModelInfo:
         return await self.model.info()
+
+    async def tokenizer(self) -> Any:
+        """The served tokenizer (None while empty): the HTTP ingress names logprob tokens with
+        it and reads the model's generation defaults from it."""
+        return None if self.model.current is None else self.model.current.tokenizer
 
     # ---- hot-swap, driven by the orchestrator ------------------------------------------------
 

@@ -200,7 +200,7 @@ class ServingModel:
         if request.messages is not None:
             ids = encode_chat(tok, request.messages, add_generation_prompt=True)
         else:
-            ids = tok.encode(request.prompt or "")
+            ids = tok.encode_prompt(request.prompt or "")
         if not ids:
             raise InvalidArgumentError(f"{field} must not be empty", field)
         context = loaded.model.config.block_size
@@ -347,6 +347,7 @@ def to_chunk(out: RequestOutput, request_id: str) -> GenerationChunk:
         token_ids=list(out.token_ids),
         logprobs=list(out.logprobs or []),
         finish=finish,
+        model_version=out.version,
     )
 
 

@@ -189,6 +189,7 @@ def start_system(args: argparse.Namespace, preset: str, first: Path, root: Path)
     config = ServeConfig(
         checkpoint=str(first),
         port=0,
+        http_port=0,
         app_name=app_name,
         num_replicas=args.replicas,
         admin_token=TOKEN,

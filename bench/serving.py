@@ -297,6 +297,7 @@ def deploy(args: argparse.Namespace, setup: Setup) -> dict[str, App]:
         config = ServeConfig(
             checkpoint=str(setup.path),
             port=0,
+            http_port=0,
             app_name=f"bench-serving-{name}",
             num_replicas=1,
             torch_threads=args.threads,

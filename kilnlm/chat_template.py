@@ -27,6 +27,8 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from kilnlm.errors import InvalidArgumentError
+
 
 class GenerationTag(jinja2.ext.Extension):
     """``{% generation %}…{% endgeneration %}``: transformers marks assistant spans with it; the
@@ -97,7 +99,9 @@ def render_template(
             **special_tokens,
         )
     except jinja2.exceptions.TemplateError as e:
-        raise ValueError(f"messages: the model's chat template refused them: {e}") from e
+        raise InvalidArgumentError(
+            f"messages: the model's chat template refused them: {e}", "messages"
+        ) from e
 
 
 __all__ = ["compile_template", "render_template"]

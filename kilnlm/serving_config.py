@@ -55,6 +55,15 @@ class ServeConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     """Block size, KV budget, batch sizes, queue bound, swap mode, device and dtype (None: CUDA
     in bfloat16 when the replica has a GPU, else CPU in float32)."""
+    http_port: int = 8000
+    """Port of the OpenAI-compatible HTTP API (Ray Serve's HTTP proxy, on ``host``); 0 turns it
+    off. One per Ray cluster: Serve has one HTTP proxy, so a second application keeps 0."""
+    served_model_name: str | None = None
+    """The model id of the HTTP API (``/v1/models``, the ``model`` clients pass); None: the
+    application's name (stable across hot-swaps, unlike a checkpoint's path)."""
+    api_key: str | None = None
+    """Bearer key every HTTP ``/v1`` call must carry; None: open (loopback by default). ``kiln
+    serve`` reads it from $KILN_API_KEY so it stays out of shell history."""
     admin_token: str | None = None
     """Bearer token admin calls must carry (``authorization: Bearer <token>``); None refuses every
     admin call. ``kiln serve`` reads it from $KILN_ADMIN_TOKEN so it stays out of shell history."""
@@ -82,6 +91,12 @@ class ServeConfig:
             self.engine = from_dict(EngineConfig, self.engine, "ServeConfig.engine")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535] (0 picks a free port), got {self.port}")
+        if not 0 <= self.http_port <= 65535:
+            raise ValueError(
+                f"http_port must be in [0, 65535] (0: no HTTP API), got {self.http_port}"
+            )
+        if self.served_model_name == "":
+            raise ValueError("served_model_name must not be empty (None: the app_name)")
         self._check_positive()
         if self.min_replicas > self.max_replicas:
             raise ValueError(
@@ -120,6 +135,11 @@ class ServeConfig:
             raise ValueError(f"stream_max_tokens must be >= 0, got {self.stream_max_tokens}")
         if not self.health_poll_s > 0:
             raise ValueError(f"health_poll_s must be > 0, got {self.health_poll_s}")
+
+    @property
+    def model_id(self) -> str:
+        """The id the HTTP API serves the model under."""
+        return self.served_model_name or self.app_name
 
     @property
     def address(self) -> str:

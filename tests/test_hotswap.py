@@ -78,7 +78,7 @@ def setup(ray_cluster, tmp_path_factory):
         )
     )
     config = ServeConfig(
-        checkpoint=str(ckpts["v1"]), port=0, app_name=APP, num_replicas=2, admin_token=TOKEN,
+        checkpoint=str(ckpts["v1"]), port=0, http_port=0, app_name=APP, num_replicas=2, admin_token=TOKEN,
         health_poll_s=0.2, engine=ENGINE, replica_num_cpus=0.5,
     )  # fmt: skip
     address = serve_app.run(config)

@@ -48,7 +48,7 @@ def address(ray_cluster, ckpt):
     from kilnlm.actors import serve_app
 
     config = ServeConfig(
-        checkpoint=str(ckpt), port=0, app_name=APP, health_poll_s=0.1, engine=ENGINE,
+        checkpoint=str(ckpt), port=0, http_port=0, app_name=APP, health_poll_s=0.1, engine=ENGINE,
         max_ongoing_requests=256, replica_num_cpus=0.5,
         stream_interval_s=STREAM_INTERVAL_S, stream_max_tokens=STREAM_MAX_TOKENS,
     )  # fmt: skip

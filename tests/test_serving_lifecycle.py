@@ -24,7 +24,13 @@ pytestmark = pytest.mark.ray
 APP = "kiln-test-lifecycle"
 ENGINE = EngineConfig(kv_budget_mib=4, max_num_seqs=1, max_queue=1, max_tokens_limit=240)
 CONFIG = ServeConfig(
-    port=0, app_name=APP, health_poll_s=0.1, admin_token="t0ken", retry_after_ms=400, engine=ENGINE
+    port=0,
+    http_port=0,
+    app_name=APP,
+    health_poll_s=0.1,
+    admin_token="t0ken",
+    retry_after_ms=400,
+    engine=ENGINE,
 )
 
 
