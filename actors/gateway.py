@@ -59,6 +59,7 @@ from kilnlm.actors.protocol import (
     VersionUnavailableError,
     merge_chunks,
 )
+from kilnlm.actors.streaming import StreamShape, coalesce
 from kilnlm.engine import EngineDead, QueueFull
 from kilnlm.generate import TokenLogprob
 from kilnlm.proto import admin_pb2, generation_pb2
@@ -618,6 +619,10 @@ async def start_gateway(
 # Ray Serve
 
 
+def _n_tokens(chunk: GenerationChunk) -> int:
+    return len(chunk.token_ids)
+
+
 class HandleBackend:
     """The Backend contract over a DeploymentHandle to the LLMServer deployment."""
 
@@ -625,12 +630,16 @@ class HandleBackend:
         self.handle = handle
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """The replica's stream; while the client is slower than the replica, the deltas that
+        piled up are sent as one message (``coalesce`` with no hold: it never delays one)."""
         response = self.handle.options(stream=True).generate.remote(request)
         finished = False
+        deltas = coalesce(response, merge_chunks, _n_tokens, StreamShape())
         try:
-            async for chunk in response:
-                finished = chunk.finish is not None
-                yield chunk
+            async with contextlib.aclosing(deltas) as chunks:
+                async for chunk in chunks:
+                    finished = chunk.finish is not None
+                    yield chunk
         finally:
             if not finished:  # client gone, deadline, or error: the replica aborts the sequence
                 response.cancel()
@@ -649,7 +658,7 @@ class Gateway:
     async def __init__(self, llm: serve.handle.DeploymentHandle, config: ServeConfig) -> None:
         # [orchestrator] Admin calls go to the application's orchestrator actor (found by name
         # per call, so one started or restarted later is picked up).
-        from kilnlm.actors.orchestrator import OrchestratorAdmin
+        from kilnlm.actors.admin import OrchestratorAdmin
 
         admin = OrchestratorAdmin(config.app_name)
         self._server = await start_gateway(HandleBackend(llm), config, admin)
