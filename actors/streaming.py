@@ -143,4 +143,54 @@ async def _gather(
     return items
 
 
-__all__ = ["StreamShape", "coalesce"]
+@dataclass(frozen=True)
+class Failover:
+    """How often a stream whose replica died is resent elsewhere (``ServeConfig.failover_*``)."""
+
+    max_resends: int = 3
+    """Resends per request before the client gets the error (UNAVAILABLE); 0 turns failover off."""
+    backoff_s: float = 0.2
+    """Wait before the first resend, doubled for each next one (Serve is replacing the replica)."""
+
+    def __post_init__(self) -> None:
+        if self.max_resends < 0:
+            raise ValueError(f"failover max_resends must be >= 0, got {self.max_resends}")
+        if not self.backoff_s >= 0:
+            raise ValueError(f"failover backoff_s must be >= 0, got {self.backoff_s}")
+
+
+async def resumable(
+    start: Callable[[list[int], int | None], AsyncIterator[T]],
+    tokens: Callable[[T], list[int]],
+    version: Callable[[T], int],
+    lost: Callable[[BaseException], bool],
+    failover: Failover,
+) -> AsyncIterator[T]:
+    """One unbroken stream over replicas that may die under it (NVIDIA Dynamo's rule).
+
+    ``start(streamed, version)`` opens a stream: ``([], None)`` the request as the client sent
+    it; after a loss, the same request continued from the tokens already streamed and pinned to
+    the version that produced them, so every token of the stream is that version's. ``lost(e)``
+    says whether ``e`` means the replica went away (resend) or is the request's own error
+    (raise). After ``failover.max_resends`` resends the last loss is raised.
+    """
+    streamed: list[int] = []
+    served_by: int | None = None
+    resends = 0
+    while True:
+        stream = start(list(streamed), served_by)
+        try:
+            async with contextlib.aclosing(stream) as items:
+                async for item in items:
+                    streamed.extend(tokens(item))
+                    served_by = served_by or version(item) or None
+                    yield item
+            return
+        except Exception as e:
+            if not lost(e) or resends >= failover.max_resends:
+                raise
+        await asyncio.sleep(failover.backoff_s * 2**resends)
+        resends += 1
+
+
+__all__ = ["Failover", "StreamShape", "coalesce", "resumable"]

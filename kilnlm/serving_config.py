@@ -83,6 +83,12 @@ class ServeConfig:
     sends one message per engine step (merged only when the gateway lags)."""
     stream_max_tokens: int = 16
     """Send held deltas as soon as this many tokens are pending (0: only the interval counts)."""
+    failover_max_resends: int = 3
+    """When a replica dies under a stream, the gateway resends the request to another replica
+    with the tokens already streamed, pinned to the same version, at most this many times;
+    0 turns failover off (the client gets UNAVAILABLE and retries itself)."""
+    failover_backoff_s: float = 0.2
+    """Wait before the first resend, doubled for each next one (Serve is replacing the replica)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.engine, dict):
@@ -131,6 +137,10 @@ class ServeConfig:
             raise ValueError(f"replica_num_gpus must be >= 0, got {self.replica_num_gpus}")
         if not self.stream_interval_s >= 0:
             raise ValueError(f"stream_interval_s must be >= 0, got {self.stream_interval_s}")
+        if self.failover_max_resends < 0:
+            raise ValueError(f"failover_max_resends must be >= 0, got {self.failover_max_resends}")
+        if not self.failover_backoff_s >= 0:
+            raise ValueError(f"failover_backoff_s must be >= 0, got {self.failover_backoff_s}")
         if self.stream_max_tokens < 0:
             raise ValueError(f"stream_max_tokens must be >= 0, got {self.stream_max_tokens}")
         if not self.health_poll_s > 0:

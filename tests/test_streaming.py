@@ -7,7 +7,7 @@ import contextlib
 
 import pytest
 
-from kilnlm.actors.streaming import StreamShape, coalesce
+from kilnlm.actors.streaming import Failover, StreamShape, coalesce, resumable
 
 
 def merge(parts: list[list[int]]) -> list[int]:
@@ -88,3 +88,72 @@ def test_shape_validates():
         StreamShape(interval_s=-1)
     with pytest.raises(ValueError, match="max_tokens"):
         StreamShape(max_tokens=-1)
+
+
+class Lost(RuntimeError):
+    pass
+
+
+def test_resumable_continues_from_the_streamed_tokens_on_the_same_version():
+    """A 'replica' that dies after a few tokens: the stream resumes where it stopped."""
+    calls: list[tuple[list[int], int | None]] = []
+    deaths = [3, 5]  # the first replica dies after 3 items, the next after 5 more
+
+    def start(streamed: list[int], version: int | None):
+        calls.append((streamed, version))
+
+        async def replica():
+            for i, tok in enumerate(range(len(streamed), 12)):
+                if deaths and i == deaths[0]:
+                    deaths.pop(0)
+                    raise Lost("replica died")
+                yield ([tok], 7)
+
+        return replica()
+
+    async def run():
+        got = []
+        stream = resumable(
+            start, lambda c: c[0], lambda c: c[1], lambda e: isinstance(e, Lost), Failover(3, 0)
+        )
+        async for item in stream:
+            got.append(item)
+        return got
+
+    got = asyncio.run(run())
+    assert [t for toks, _ in got for t in toks] == list(range(12))  # unbroken, no token twice
+    assert calls == [([], None), ([0, 1, 2], 7), ([0, 1, 2, 3, 4, 5, 6, 7], 7)]
+
+
+def test_resumable_gives_up_after_the_bound_and_never_resends_a_request_error():
+    tries: list[int] = []
+
+    def start(kind: type[Exception]):
+        def opener(streamed: list[int], version: int | None):
+            tries.append(len(streamed))
+
+            async def replica():
+                yield ([len(streamed)], 1)
+                raise kind("x")
+
+            return replica()
+
+        return opener
+
+    async def run(kind: type[Exception]) -> list:
+        got = []
+        s = resumable(
+            start(kind),
+            lambda c: c[0],
+            lambda c: c[1],
+            lambda e: isinstance(e, Lost),
+            Failover(2, 0),
+        )
+        with pytest.raises(kind):
+            async for item in s:
+                got.append(item)
+        return got
+
+    assert len(asyncio.run(run(Lost))) == 3 and tries == [0, 1, 2]  # the first try + 2 resends
+    tries.clear()
+    assert len(asyncio.run(run(ValueError))) == 1 and tries == [0]
