@@ -531,13 +531,15 @@ def pack_split(
     )
 
 
-def _tokenizer_texts(docs: Sequence[Document], max_bytes: int | None) -> Iterator[str]:
+def tokenizer_texts(texts: Iterable[str], max_bytes: int | None) -> Iterator[str]:
+    """The BPE training sample: texts of the train split, in order, until ``max_bytes`` is spent
+    (the text that crosses the budget is included). Both builders train on exactly this."""
     budget = max_bytes if max_bytes is not None else float("inf")
-    for doc in docs:
+    for text in texts:
         if budget <= 0:
             return
-        budget -= len(doc.text.encode("utf-8"))
-        yield doc.text
+        budget -= len(text.encode("utf-8"))
+        yield text
 
 
 def _remove_outputs(out_dir: Path) -> None:
@@ -587,7 +589,7 @@ def build_corpus(
             f"no training documents left ({stats.summary()}); add text to CorpusConfig.sources "
             "or loosen the filters (min_chars, max_non_text_ratio, max_repeated_line_ratio)"
         )
-    texts = _tokenizer_texts(train, cfg.tokenizer_max_bytes)
+    texts = tokenizer_texts((d.text for d in train), cfg.tokenizer_max_bytes)
     tok = Tokenizer.train(texts, vocab_size, show_progress=progress)
     tok.save(out_dir / TOKENIZER_NAME)
     clock.lap("tokenizer")

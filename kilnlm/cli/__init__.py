@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "kilnlm.cli.library",  # run, plan, eval, sample
     "kilnlm.cli.serving",  # serve, generate, chat, score
     "kilnlm.cli.training",  # train, sweep
+    "kilnlm.cli.corpus",  # corpus (on Ray Data)
     "kilnlm.cli.posttrain",  # finetune, reward train|score, dpo
     "kilnlm.cli.admin",  # status, promote, rollback
     "kilnlm.cli.up",  # up (the main job)
