@@ -488,6 +488,9 @@ class AdminServicer:
             )
         return await handler(request, context)
 
+    async def Register(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self._call("Register", request, context)
+
     async def ListCheckpoints(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await self._call("ListCheckpoints", request, context)
 

@@ -1170,6 +1170,14 @@ class OrchestratorAdmin:
                 code, details = admin_status(e)
             await context.abort(code, details)
 
+    async def Register(self, request: Any, context: Any) -> Any:
+        from kilnlm.proto import admin_pb2
+
+        version = await self._call(context, "register", request.uri)
+        records = await self._call(context, "list_checkpoints", read=True)
+        record = next(r for r in records if r.version == version)
+        return admin_pb2.RegisterResponse(version=version, checkpoint=checkpoint_pb(record))
+
     async def ListCheckpoints(self, request: Any, context: Any) -> Any:
         from kilnlm.proto import admin_pb2
 
@@ -1208,6 +1216,7 @@ def admin_status(e: BaseException) -> tuple[Any, str]:
         (PreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
         (SwapAborted, grpc.StatusCode.ABORTED),
         (RegistryError, grpc.StatusCode.FAILED_PRECONDITION),
+        (CheckpointError, grpc.StatusCode.INVALID_ARGUMENT),  # Register: no usable export there
         (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
     ]
     for cls, code in codes:

@@ -134,15 +134,23 @@ def http_url(config: ServeConfig) -> str | None:
     return f"http://{host}:{config.http_port}/v1"
 
 
-def serve_until_interrupted(config: ServeConfig, ray_address: str | None = None) -> int:
-    """``kiln serve``: join ``ray_address`` or start local Ray, deploy, block until Ctrl-C (or
-    SIGTERM), then shut Serve and Ray down. Local Ray gets more logical CPUs than cores and every
-    process one OpenMP thread: replicas and the gateway ask for fractions (DESIGN.md)."""
+def serve_until_interrupted(
+    config: ServeConfig,
+    ray_address: str | None = None,
+    registry: str | None = None,
+    heldout: str | None = None,
+) -> int:
+    """``kiln serve``: join ``ray_address`` or start local Ray, start the orchestrator and deploy
+    (``serve_orchestrator``: register, promote and roll back as under ``kiln up``), block until
+    Ctrl-C (or SIGTERM), then shut the orchestrator, Serve and Ray down. Local Ray gets more
+    logical CPUs than cores and every process one OpenMP thread: replicas, the gateway and the
+    orchestrator ask for fractions (DESIGN.md)."""
     import sys
     import time
 
     import ray
 
+    from kilnlm.actors import serve_orchestrator
     from kilnlm.actors.runtime_env import ENV
 
     env = {"env_vars": dict(ENV)}
@@ -151,7 +159,7 @@ def serve_until_interrupted(config: ServeConfig, ray_address: str | None = None)
     else:
         ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, runtime_env=env)
     try:
-        address = run(config)
+        address, _ = serve_orchestrator.serve_with_orchestrator(config, registry, heldout)
         what = config.checkpoint or "no model (waiting for a promotion)"
         url = http_url(config)
         http = f" and {url} (OpenAI HTTP, model {config.model_id!r})" if url else ""
@@ -162,6 +170,7 @@ def serve_until_interrupted(config: ServeConfig, ray_address: str | None = None)
         print("kiln: stopping", file=sys.stderr)
         return 0
     finally:
+        serve_orchestrator.stop(config.app_name)
         serve.shutdown()
         ray.shutdown()
 

@@ -7,7 +7,8 @@
             print(delta.text, end="", flush=True)
 
 Both speak the kiln.v1 gRPC API (``protos/``) and nothing else, so anything shown here can be
-done from any language with stubs generated from the protos. Sampling parameters are keyword
+done from any language with stubs generated from the protos. ``register(path)`` is an admin
+call (``Admin.Register``): it needs the client's ``token``. Sampling parameters are keyword
 arguments named as in ``SamplingParams`` (``temperature``, ``top_p``, ``top_k``, ``min_p``,
 ``repetition_penalty``, ``seed``, ``max_tokens``, ``stop``, ``stop_token_ids``, ``num_beams``,
 ``length_penalty``, ``logprobs``); one left out takes the server's default. Errors arrive as
@@ -17,6 +18,7 @@ arguments named as in ``SamplingParams`` (``temperature``, ``top_p``, ``top_k``,
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +26,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from kilnlm.proto import admin_pb2, admin_pb2_grpc
 from kilnlm.proto import generation_pb2 as pb
 from kilnlm.proto import generation_pb2_grpc as pb_grpc
 
@@ -219,6 +222,13 @@ def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
+def checkpoint_uri(path: str | os.PathLike[str]) -> str:
+    """What ``Admin.Register`` needs: a URI as it is, a local path made absolute (the orchestrator
+    resolves paths in its own process, whose working folder is not the caller's)."""
+    path = os.fspath(path)
+    return path if "://" in path else os.path.abspath(path)
+
+
 # --------------------------------------------------------------------------------------------
 # Clients
 
@@ -246,6 +256,7 @@ class Client:
             else grpc.insecure_channel(address, options)
         )
         self.stub = pb_grpc.GenerationStub(self.channel)
+        self.admin_stub = admin_pb2_grpc.AdminStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.timeout = timeout
         self.metadata = _metadata(token)
@@ -331,6 +342,12 @@ class Client:
     def model_info(self, *, timeout: float | None = None) -> dict[str, Any]:
         return from_proto(self.stub.GetModelInfo(pb.GetModelInfoRequest(), **self._opts(timeout)))
 
+    def register(self, path: str | os.PathLike[str], *, timeout: float | None = None) -> int:
+        """Register an export (a path every replica can read, or file://) as a version; the same
+        content again answers the same version. Needs the admin ``token``."""
+        request = admin_pb2.RegisterRequest(uri=checkpoint_uri(path))
+        return int(self.admin_stub.Register(request, **self._opts(timeout)).version)
+
     def health(self, service: str = "", *, timeout: float | None = 5.0) -> str:
         """grpc.health.v1 status name: "SERVING", "NOT_SERVING" (no model yet), ..."""
         response = self.health_stub.Check(
@@ -358,6 +375,7 @@ class AsyncClient:
             else grpc.aio.insecure_channel(address, options)
         )
         self.stub = pb_grpc.GenerationStub(self.channel)
+        self.admin_stub = admin_pb2_grpc.AdminStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.timeout = timeout
         self.metadata = _metadata(token)
@@ -440,6 +458,11 @@ class AsyncClient:
             await self.stub.GetModelInfo(pb.GetModelInfoRequest(), **self._opts(timeout))
         )
 
+    async def register(self, path: str | os.PathLike[str], *, timeout: float | None = None) -> int:
+        request = admin_pb2.RegisterRequest(uri=checkpoint_uri(path))
+        response = await self.admin_stub.Register(request, **self._opts(timeout))
+        return int(response.version)
+
     async def health(self, service: str = "", *, timeout: float | None = 5.0) -> str:
         response = await self.health_stub.Check(
             health_pb2.HealthCheckRequest(service=service), timeout=timeout
@@ -447,4 +470,4 @@ class AsyncClient:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
-__all__ = ["AsyncClient", "Client", "Completion", "Delta", "Finish", "Score"]
+__all__ = ["AsyncClient", "Client", "Completion", "Delta", "Finish", "Score", "checkpoint_uri"]

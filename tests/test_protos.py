@@ -70,7 +70,13 @@ def test_services_and_version_fields():
     streaming = {m.name for m in generation.methods if m.server_streaming}
     assert streaming == {"GenerateStream", "Chat"}
     admin = admin_pb2.DESCRIPTOR.services_by_name["Admin"]
-    assert set(admin.methods_by_name) == {"ListCheckpoints", "Promote", "Rollback", "Status"}
+    assert set(admin.methods_by_name) == {
+        "ListCheckpoints",
+        "Promote",
+        "Register",
+        "Rollback",
+        "Status",
+    }
     for name in ("GenerateRequest", "ChatRequest", "ScoreRequest"):
         fields = generation_pb2.DESCRIPTOR.message_types_by_name[name].fields_by_name
         assert fields["min_version"].number == 14 and fields["pin_version"].number == 15

@@ -1,4 +1,5 @@
-"""``kiln status``, ``kiln promote V``, ``kiln rollback [V]``: the Admin API from a shell.
+"""``kiln register PATH``, ``kiln status``, ``kiln promote V``, ``kiln rollback [V]``: the Admin
+API from a shell.
 
 Each command is one gRPC call to the gateway's ``kiln.v1.Admin`` service (which forwards it to
 the orchestrator), authenticated with the bearer token from ``--token`` or, better (it stays out
@@ -30,6 +31,7 @@ STATE_NAMES = {
 
 
 def register(subparsers: Any) -> None:
+    _register_register(subparsers)
     _register_status(subparsers)
     _register_promote(subparsers)
     _register_rollback(subparsers)
@@ -83,6 +85,44 @@ def _print_json(message: Any) -> None:
     from google.protobuf.json_format import MessageToJson
 
     print(MessageToJson(message, preserving_proto_field_name=True))
+
+
+# --------------------------------------------------------------------------------------------
+# kiln register
+
+
+def _register_register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "register",
+        help="record an export made anywhere (kiln train, post-training) as a new version",
+        description="Register the export at PATH with the orchestrator (kiln serve or kiln up) "
+        "and print its version; registering the same content again prints the same version. "
+        "PATH must be readable by the orchestrator and every replica (a shared filesystem). "
+        "Then `kiln promote VERSION` validates and hot-swaps it.",
+    )
+    p.add_argument("path", help="export directory (model.safetensors + manifest.json), or file://")
+    _admin_flags(p, timeout=60.0)
+    p.set_defaults(func=cmd_register)
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from kilnlm.client import checkpoint_uri
+    from kilnlm.proto import admin_pb2
+
+    uri = checkpoint_uri(args.path)
+    response = _run("register", args, "Register", admin_pb2.RegisterRequest(uri=uri))
+    if response is None:
+        return 1
+    if args.json:
+        _print_json(response)
+        return 0
+    c = response.checkpoint
+    step = f", step {c.step}" if c.step else ""
+    print(
+        f"kiln register: {uri} is version {response.version} "
+        f"({STATE_NAMES.get(c.state, '?')}{step}); next: kiln promote {response.version}"
+    )
+    return 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,4 +283,11 @@ def _report_swap(args: argparse.Namespace, command: str, response: Any) -> int:
     return 0
 
 
-__all__ = ["cmd_promote", "cmd_rollback", "cmd_status", "format_status", "register"]
+__all__ = [
+    "cmd_promote",
+    "cmd_register",
+    "cmd_rollback",
+    "cmd_status",
+    "format_status",
+    "register",
+]

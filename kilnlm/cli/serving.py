@@ -1,8 +1,9 @@
 """``kiln serve``, ``kiln generate``, ``kiln chat``, ``kiln score``: run a server, talk to one.
 
-``serve`` starts local Ray (or joins ``--ray-address``), deploys the Serve application and
-keeps it up until Ctrl-C. The other three are gRPC clients (``kilnlm.client``) of a running
-server at ``--address`` (default 127.0.0.1:50051); they never import Ray or torch's model code.
+``serve`` starts local Ray (or joins ``--ray-address``), the orchestrator (registry, gate,
+hot-swap: ``kiln register``/``promote``/``rollback`` work as under ``kiln up``), deploys the Serve
+application and keeps it up until Ctrl-C. The other three are gRPC clients (``kilnlm.client``)
+of a running server at ``--address`` (default 127.0.0.1:50051); they never import Ray or torch's model code.
 Sampling flags (``--temperature``, ``--top-p``, ``--max-tokens``, ``--seed``, ...) left out take
 the server's defaults (chat: temperature 0.7, top_p 0.9).
 """
@@ -40,12 +41,24 @@ def _register_serve(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "serve",
         help="serve a checkpoint over gRPC from Ray Serve replicas",
-        description="Start local Ray, deploy LLM server replicas behind the gRPC gateway "
-        "(127.0.0.1:50051 by default) and serve until Ctrl-C. The admin token for "
-        "promote/rollback is read from $KILN_ADMIN_TOKEN.",
+        description="Start local Ray, the orchestrator and LLM server replicas behind the gRPC "
+        "gateway (127.0.0.1:50051 by default) and serve until Ctrl-C. --checkpoint becomes the "
+        "registry's first promoted version; `kiln register PATH`, `kiln promote V` and `kiln "
+        "rollback` then hot-swap others through the same gate as kiln up. The admin token is "
+        "read from $KILN_ADMIN_TOKEN.",
     )
     p.add_argument("--config", help="TOML/JSON/YAML file; its [serve] section is a ServeConfig")
     p.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
+    p.add_argument(
+        "--registry",
+        help="folder of the orchestrator's checkpoint registry (default: runs/serve-<app-name>); "
+        "kiln register / promote / rollback act on it",
+    )
+    p.add_argument(
+        "--heldout",
+        help="held-out data for the validation gate: a corpus folder or a text file (default: "
+        "the default corpus's held-out documents)",
+    )
     add_arguments(p, ServeConfig, skip=("admin_token",))
     add_arguments(p, EngineConfig, prefix=ENGINE_PREFIX)
     p.set_defaults(func=cmd_serve)
@@ -76,7 +89,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Ctrl-C must stop the server even when the shell started it in the background (which
     # ignores SIGINT); Ray's own SIGTERM handler exits through its `finally` as well.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    return serve_until_interrupted(config, args.ray_address)
+    heldout = os.path.abspath(args.heldout) if args.heldout else None
+    registry = os.path.abspath(args.registry) if args.registry else None
+    return serve_until_interrupted(config, args.ray_address, registry, heldout)
 
 
 # --------------------------------------------------------------------------------------------
