@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kilnlm.checkpoint import save_pretrained
+from kilnlm.checkpoint import export_content_addressed, save_pretrained
 from kilnlm.data import CorpusConfig, TokenShards, build_corpus, get_batch, sample_split
 from kilnlm.eval import EvalResult, evaluate
 from kilnlm.generate import generate
@@ -122,15 +122,8 @@ def run(cfg: LocalRunConfig, progress: bool = True) -> dict[str, Any]:
     timings["eval_s"] = time.perf_counter() - t
     _print_comparison(neural, ngram)
 
-    save_pretrained(
-        model,
-        out / "model",
-        tokenizer=tok,
-        version=1,
-        step=steps,
-        tokens_seen=steps * cfg.train.tokens_per_step,
-        heldout_loss=neural.mean_nll,
-    )
+    fields = {"step": steps, "tokens_seen": steps * cfg.train.tokens_per_step}
+    export = _export(model, tok, out, version=1, heldout_loss=neural.mean_nll, **fields)
     samples = _samples(model, tok)
     summary = {
         "neural": asdict(neural),
@@ -142,10 +135,10 @@ def run(cfg: LocalRunConfig, progress: bool = True) -> dict[str, Any]:
         "params": model.num_params(),
         "timings": timings,
         "samples": samples,
-        "export": str(out / "model"),
+        "export": str(export),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    _say(f"exported model to {out / 'model'}; summary in {out / 'summary.json'}")
+    _say(f"exported model to {export}; summary in {out / 'summary.json'}")
     return summary
 
 
@@ -190,6 +183,16 @@ def _print_comparison(neural: EvalResult, ngram: Baseline) -> None:
     verdict = "beats" if neural.perplexity < ngram.result.perplexity else "does NOT beat"
     orders = ", ".join(str(k) for k in ngram.by_order)
     _say(f"  the transformer {verdict} the best n-gram (orders {orders} tried)")
+
+
+def _export(model: Transformer, tok: Tokenizer, out: Path, **fields: Any) -> Path:
+    """``out/model``, or beside it under a name that says its content when ``out/model`` holds
+    another run's export: exports are never overwritten (a registered version may use it)."""
+    try:
+        return save_pretrained(model, out / "model", tokenizer=tok, **fields)
+    except FileExistsError:
+        state = model.state_dict()
+        return export_content_addressed(state, model.config, out, "model", tok, **fields)
 
 
 def _samples(model: Transformer, tok: Tokenizer) -> list[dict[str, str]]:

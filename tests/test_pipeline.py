@@ -86,3 +86,20 @@ def test_it_prints_both_models_with_bits_per_byte_and_samples_each_setting(
 def test_bad_settings_are_refused_naming_the_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=f"LocalRunConfig.{field} "):
         LocalRunConfig(**{field: value})
+
+
+def test_a_second_run_into_the_same_folder_never_overwrites_the_first_export(
+    finished, tmp_path
+) -> None:
+    import shutil
+    from dataclasses import replace
+
+    cfg, _ = finished
+    shutil.copytree(cfg.out_dir, tmp_path / "local")  # corpus and export of the first run
+    first = tmp_path / "local" / "model"
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    again = replace(cfg, out_dir=str(tmp_path / "local"), train=replace(cfg.train, max_steps=10))
+    other = Path(run(again, progress=False)["export"])
+    assert other != first and other.parent == first.parent and other.name.startswith("model-")
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
+    assert kilnlm.load(other).config == kilnlm.load(first).config
