@@ -3,9 +3,10 @@
 Each replica wraps one ``ServingModel`` (weights + tokenizer + ``AsyncLLMEngine`` and its step
 loop) and adds only what belongs to Serve: replica resources (fractional ``num_cpus``, one torch
 thread, so replicas, gateway, orchestrator and trainers fit on a 2-core laptop), ``check_health``,
-metrics through ``ray.util.metrics``, and the methods the orchestrator drives for a two-phase
-hot-swap: ``stage(checkpoint, version)`` on every replica, then ``commit(version)`` on every
-replica, or ``abort_stage()`` everywhere if any stage failed (DESIGN.md, "Hot-swap").
+metrics through ``ray.util.metrics``, and its swap agent (actors/swap_agent.py): the one path
+by which weights change, driven by the orchestrator's two-phase hot-swap (DESIGN.md,
+"Hot-swap"). The deployment has no stage/commit/load methods of its own: a second control
+path would let a replica serve what the registry does not know.
 
 A replica started without a checkpoint has no model: ``info().version`` is 0, requests raise
 ``NoModelError`` (UNAVAILABLE at the gateway) and the gateway's health reports NOT_SERVING. It
@@ -142,23 +143,6 @@ class LLMServer:
         """The served tokenizer (None while empty): the HTTP ingress names logprob tokens with
         it and reads the model's generation defaults from it."""
         return None if self.model.current is None else self.model.current.tokenizer
-
-    # ---- hot-swap, driven by the orchestrator ------------------------------------------------
-
-    async def stage(self, checkpoint_uri: str, version: int | None = None) -> int:
-        """Phase 1: load and check the new weights beside the serving ones; returns the version."""
-        return await self.model.stage(checkpoint_uri, version)
-
-    async def commit(self, version: int) -> None:
-        """Phase 2: flip to ``version`` at the engine's next step boundary."""
-        await self.model.commit(version)
-
-    async def abort_stage(self) -> None:
-        await self.model.abort_stage()
-
-    async def load(self, checkpoint_uri: str, version: int | None = None) -> int:
-        """Stage and commit on this replica alone (a one-replica deployment, or tests)."""
-        return await self.model.load(checkpoint_uri, version)
 
     # ---- Serve hooks ---------------------------------------------------------------------------
 

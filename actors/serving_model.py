@@ -3,7 +3,14 @@
 The engine works in token ids (STYLE.md 5); this class is where text becomes ids and back for
 a replica: it encodes prompts and chat conversations, checks them against the model (empty,
 longer than the context), streams the engine's deltas as ``GenerationChunk``s, scores text, and
-holds the two-phase hot-swap (``stage`` then ``commit``) that the orchestrator drives.
+holds the two-phase hot-swap (``stage`` then ``commit``) that the orchestrator drives through
+the replica's swap agent (the only control path).
+
+Which version serves is the engine's to say, never this class's: ``current``, ``info``,
+``score`` and ``evaluate`` read the engine's snapshot (version, weights, and the ``Served``
+payload: tokenizer and checkpoint path), and pin_version / min_version are checked where the
+engine admits a request. A commit only queues the flip; until the engine flips (drain mode:
+until the old version's last request ends), everything here keeps naming the old version.
 
 No Ray here: the LLMServer deployment (``server.py``) wraps one of these, and the gateway's
 tests drive one directly, in-process, through real gRPC.
@@ -15,7 +22,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
@@ -37,7 +44,16 @@ from kilnlm.actors.protocol import (
     merge_chunks,
 )
 from kilnlm.chat import encode_chat
-from kilnlm.engine import AsyncLLMEngine, EngineConfig, LLMEngine, RequestOutput
+from kilnlm.engine import (
+    AsyncLLMEngine,
+    EngineConfig,
+    LLMEngine,
+    RequestOutput,
+    Snapshot,
+    VersionError,
+    VersionMismatch,
+    VersionRule,
+)
 from kilnlm.engine.engine import DTYPES
 from kilnlm.errors import InvalidArgumentError
 from kilnlm.eval import EvalResult, token_logprobs
@@ -59,6 +75,14 @@ class LoadedModel:
     checkpoint: str
 
 
+@dataclass(frozen=True)
+class Served:
+    """What the engine's snapshot carries beside the weights for this replica."""
+
+    tokenizer: Tokenizer
+    checkpoint: str
+
+
 def resolve_device(engine: EngineConfig) -> tuple[torch.device, torch.dtype]:
     """Where weights go: the engine config's choice, else CUDA in bfloat16 when this process
     sees a GPU, else CPU in float32 (one code path for the laptop and the cluster)."""
@@ -70,15 +94,20 @@ def resolve_device(engine: EngineConfig) -> tuple[torch.device, torch.dtype]:
 def load_checkpoint(
     path: str, version: int | None, device: torch.device, dtype: torch.dtype
 ) -> LoadedModel:
-    """Verify and load a checkpoint directory (manifest checksums first: never serve a torn copy)."""
-    manifest = checkpoint.verify_manifest(path)
+    """Verify and load a checkpoint directory (manifest checksums first: never serve a torn copy).
+
+    A plain Hugging Face directory is adopted on first use (``checkpoint.ensure_manifest``: its
+    manifest is computed and written, and verified on every later load) and serves with its own
+    tokenizer, specials and chat template.
+    """
+    manifest = checkpoint.ensure_manifest(path)
     if version is None:
         version = int(manifest.fields.get("version", 1))
     tokenizer = checkpoint.load_tokenizer(path, verify=False)
-    if not isinstance(tokenizer, Tokenizer):
-        raise ValueError(
-            f"checkpoint {path} has no kilnlm tokenizer.json; serving needs one "
-            "(export with save_pretrained(model, path, tokenizer=...))"
+    if tokenizer is None:
+        raise checkpoint.IncompleteCheckpointError(
+            f"checkpoint {path} has no tokenizer.json; serving needs one (export with "
+            "save_pretrained(model, path, tokenizer=...), or copy the model's tokenizer files)"
         )
     model = checkpoint.load(path, device=device, dtype=dtype, verify=False)
     return LoadedModel(model.eval(), tokenizer, version, str(path))
@@ -97,9 +126,16 @@ class ServingModel:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.device, self.dtype = resolve_device(config.engine)
-        self.current: LoadedModel | None = None
         self.staged: LoadedModel | None = None
+        """Phase 1's result, a separate object from what serves (drain mode: in host memory)."""
         self.engine: AsyncLLMEngine | None = None
+
+    @property
+    def current(self) -> LoadedModel | None:
+        """What serves now, from the engine's snapshot (the flip, not the commit)."""
+        if self.engine is None:
+            return None
+        return _loaded(self.engine.snapshot())
 
     # ---- lifecycle: two-phase hot-swap ------------------------------------------------------
 
@@ -108,58 +144,79 @@ class ServingModel:
 
         Raises (and keeps serving the old version) on a bad checksum, a shape mismatch, or a
         tokenizer different from the served one (in-flight prompts were encoded with it).
-        In "drain" swap mode the new weights are loaded into host memory, not the device.
+        In "drain" swap mode the new weights are loaded into host memory, not the device; they
+        stay a separate object until the engine copies them in at the flip.
         """
         drain = self.config.engine.swap_mode == "drain" and self.engine is not None
         device = torch.device("cpu") if drain else self.device
         loaded = await asyncio.to_thread(
             load_checkpoint, checkpoint_path, version, device, self.dtype
         )
-        if (
-            self.current is not None
-            and loaded.tokenizer.to_json() != self.current.tokenizer.to_json()
-        ):
-            raise ValueError(
+        current = self.current
+        if current is not None and loaded.tokenizer.to_json() != current.tokenizer.to_json():
+            raise checkpoint.TokenizerMismatchError(
                 f"checkpoint {checkpoint_path} has a different tokenizer from the served version "
-                f"{self.current.version}; a new vocabulary needs a new deployment"
+                f"{current.version}; a new vocabulary needs a new deployment"
             )
         if self.engine is not None:
-            await self.engine.stage(loaded.model, loaded.version)
-            if drain and self.current is not None:
-                # The engine will copy the weights into the serving model in place at the flip;
-                # that object is the one Score must use from then on (the host copy is the engine's).
-                loaded.model = self.current.model
+            payload = Served(loaded.tokenizer, loaded.checkpoint)
+            await self.engine.stage(loaded.model, loaded.version, payload)
         self.staged = loaded
         return loaded.version
 
     async def commit(self, version: int) -> None:
-        """Phase 2: new requests get ``version`` from the engine's next step boundary; running
-        ones finish on the weights they started with."""
+        """Phase 2: the engine flips to ``version`` at its next step boundary (drain mode: once
+        the old version's requests and readers are done); running requests finish on the
+        weights they started with. Double mode returns after the flip (one step); drain mode
+        once the flip is queued (``wait_serving`` waits for it). Committing a version already
+        committed and waiting to flip is a no-op."""
         if self.staged is None or self.staged.version != version:
+            if self.engine is not None and self.engine.committing_version == version:
+                return
             staged = None if self.staged is None else self.staged.version
             raise ValueError(f"version {version} is not staged (staged: {staged}); stage it first")
         if self.engine is None:
             self.engine = self._new_engine(self.staged)
         else:
             await self.engine.commit(version)
-        self.current, self.staged = self.staged, None
+            if self.config.engine.swap_mode == "double":
+                await self.engine.wait_serving(version)
+        self.staged = None
 
     async def abort_stage(self) -> None:
-        """Drop staged weights (another replica failed to stage): keep serving the old version."""
+        """Drop staged weights, or a commit still waiting to flip (another replica failed):
+        keep serving the old version."""
         if self.engine is not None:
             await self.engine.abort_stage()
         self.staged = None
 
     async def load(self, checkpoint_path: str, version: int | None = None) -> int:
-        """Stage and commit at once (a single replica, or the first model of an empty one)."""
+        """Stage, commit and wait for the flip (the first model of an empty replica, or a
+        replica catching up with the promoted version)."""
         version = await self.stage(checkpoint_path, version)
         await self.commit(version)
+        await self.wait_serving(version)
         return version
+
+    async def wait_serving(self, version: int) -> None:
+        """Return once the engine serves ``version``."""
+        if self.engine is not None:
+            await self.engine.wait_serving(version)
+
+    @property
+    def flips(self) -> int:
+        """Flips of the engine so far (the swap agent can report when a commit took effect)."""
+        return 0 if self.engine is None else self.engine.flips
 
     def _new_engine(self, loaded: LoadedModel) -> AsyncLLMEngine:
         tok = loaded.tokenizer
         engine = LLMEngine(
-            loaded.model, self.config.engine, tok.eos_id, loaded.version, decode=tok.decode
+            loaded.model,
+            self.config.engine,
+            tok.eos_id,
+            loaded.version,
+            decode=tok.decode,
+            payload=Served(tok, loaded.checkpoint),
         )
         return AsyncLLMEngine(engine)
 
@@ -174,28 +231,29 @@ class ServingModel:
 
     # ---- requests ---------------------------------------------------------------------------
 
-    def _serving(self, min_version: int | None, pin_version: int | None) -> LoadedModel:
-        """The served model, if it satisfies the request's version constraints."""
-        current = self.current
-        if current is None or self.engine is None:
+    def _engine(self) -> AsyncLLMEngine:
+        if self.engine is None:
             raise NoModelError(
                 "no model is loaded yet: promote a checkpoint (kiln promote) or start the server "
                 "with --checkpoint, then retry"
             )
-        if min_version is not None and current.version < min_version:
-            raise VersionUnavailableError(
-                f"min_version {min_version} is newer than the served version {current.version}; "
-                "retry after it is promoted"
-            )
-        if pin_version is not None and current.version != pin_version:
-            raise VersionMismatchError(
-                f"pin_version {pin_version} is not served (serving version {current.version})"
-            )
-        return current
+        return self.engine
 
-    def encode(self, request: GenerationRequest, loaded: LoadedModel) -> list[int]:
-        """Prompt ids; ValueError naming ``prompt``/``messages`` when empty or too long."""
-        tok = loaded.tokenizer
+    @contextlib.asynccontextmanager
+    async def _reading(
+        self, min_version: int | None = None, pin_version: int | None = None
+    ) -> AsyncIterator[Snapshot]:
+        """Lease the engine's snapshot (its weights stay as they are meanwhile) and check the
+        version rule against the version that will produce the answer."""
+        async with self._engine().reading() as snapshot:
+            with _version_errors():
+                VersionRule(min_version, pin_version).check(snapshot.version)
+            yield snapshot
+
+    def encode(self, request: GenerationRequest, loaded: LoadedModel | Snapshot) -> list[int]:
+        """Prompt ids; InvalidArgumentError naming ``prompt``/``messages`` when empty or too long.
+        (Every version of a deployment has the same tokenizer and context: stage checks it.)"""
+        tok = loaded.tokenizer if isinstance(loaded, LoadedModel) else loaded.payload.tokenizer
         field = "prompt" if request.messages is None else "messages"
         if request.messages is not None:
             ids = encode_chat(tok, request.messages, add_generation_prompt=True)
@@ -216,24 +274,29 @@ class ServingModel:
         return params.validate_for(self.config.engine.max_tokens_limit)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        """Stream one request. Closing this iterator (client gone) aborts it in the engine."""
-        loaded = self._serving(request.min_version, request.pin_version)
-        ids = self.encode(request, loaded)
+        """Stream one request. Closing this iterator (client gone) aborts it in the engine.
+
+        pin_version / min_version are checked by the engine against the version it admits the
+        request on, so the version in the finish message is the one that made every token."""
+        engine = self._engine()
+        ids = self.encode(request, engine.snapshot())
         params = self._params(request.params)
         deadline = _engine_deadline(request.deadline)
         if deadline is not None and deadline <= time.monotonic():
             raise DeadlineExceededError("the request's deadline passed before it was scheduled")
-        assert self.engine is not None
+        versions = VersionRule(request.min_version, request.pin_version)
         # The engine's id is ours: a client's request_id is only a label, two clients may pick
         # the same one.
-        outputs = self.engine.generate(uuid.uuid4().hex, ids, params, deadline=deadline)
-        async with contextlib.aclosing(arrived_together(outputs)) as batches:
-            async for batch in batches:
-                yield merge_chunks([to_chunk(out, request.request_id) for out in batch])
+        outputs = engine.generate(uuid.uuid4().hex, ids, params, deadline, versions)
+        with _version_errors():
+            async with contextlib.aclosing(arrived_together(outputs)) as batches:
+                async for batch in batches:
+                    yield merge_chunks([to_chunk(out, request.request_id) for out in batch])
 
     async def score(self, request: ScoreRequest) -> ScoreResult:
-        """Per-token logprobs of the text after a BOS token, perplexity and bits per byte."""
-        loaded = self._serving(request.min_version, request.pin_version)
+        """Per-token logprobs of the text after a BOS token, perplexity and bits per byte, under
+        the weights of the version the result names (held while they are read)."""
+        self._engine()
         n_bytes = len(request.text.encode("utf-8"))
         if not 0 < n_bytes <= self.config.max_score_bytes:
             raise InvalidArgumentError(
@@ -241,8 +304,10 @@ class ServingModel:
                 "score a long file in parts",
                 "text",
             )
-        ids = [loaded.tokenizer.bos_id, *loaded.tokenizer.encode(request.text)]
-        lp = await asyncio.to_thread(token_logprobs, loaded.model, ids)
+        async with self._reading(request.min_version, request.pin_version) as snapshot:
+            tok = snapshot.payload.tokenizer
+            ids = [tok.bos_id, *tok.encode(request.text)]
+            lp = await asyncio.to_thread(token_logprobs, snapshot.model, ids)
         result = EvalResult.from_total_nll(-float(lp.double().sum()), len(lp), n_bytes)
         return ScoreResult(
             token_ids=ids[1:],
@@ -250,11 +315,18 @@ class ServingModel:
             perplexity=result.perplexity,
             bits_per_byte=result.bits_per_byte,
             num_bytes=n_bytes,
-            model_version=loaded.version,
+            model_version=snapshot.version,
         )
 
+    async def evaluate(self, token_ids: list[int]) -> tuple[int, list[float]]:
+        """(version, log-probabilities of ``token_ids``) under the serving weights, both from one
+        snapshot held while reading: the canary compares what it names."""
+        async with self._reading() as snapshot:
+            lp = await asyncio.to_thread(token_logprobs, snapshot.model, token_ids)
+        return snapshot.version, [float(x) for x in lp]
+
     async def info(self) -> ModelInfo:
-        """What this replica serves and how full its KV cache is."""
+        """What this replica serves (the engine's snapshot) and how full its KV cache is."""
         loaded = self.current
         if loaded is None or self.engine is None:
             return ModelInfo(
@@ -284,6 +356,22 @@ class ServingModel:
             generated_tokens=stats["num_generated_tokens"],
             staged_version=None if self.staged is None else self.staged.version,
         )
+
+
+def _loaded(snapshot: Snapshot) -> LoadedModel:
+    served: Served = snapshot.payload
+    return LoadedModel(snapshot.model, served.tokenizer, snapshot.version, served.checkpoint)
+
+
+@contextlib.contextmanager
+def _version_errors() -> Iterator[None]:
+    """The engine's version errors as the replica protocol's (the gateway maps those)."""
+    try:
+        yield
+    except VersionMismatch as e:
+        raise VersionMismatchError(str(e)) from e
+    except VersionError as e:
+        raise VersionUnavailableError(str(e)) from e
 
 
 async def arrived_together(stream: AsyncIterator[T]) -> AsyncIterator[list[T]]:

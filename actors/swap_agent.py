@@ -35,7 +35,7 @@ from typing import Any, Literal, Protocol
 
 from kilnlm.actors.serving_model import ServingModel
 from kilnlm.checkpoint import CheckpointError
-from kilnlm.eval import token_logprobs
+from kilnlm.hotswap import FailureKind
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +109,11 @@ class Result:
     seconds: float = 0.0
     swap_mode: str = ""
     error: str = ""
-    checkpoint_fault: bool = False
-    """The failure is the checkpoint's (bad files, other architecture, other tokenizer): the
-    orchestrator rejects it. Otherwise (out of memory, a dead engine) the swap only aborts."""
+    fault: FailureKind | None = None
+    """Whose fault a failure was (``failure_kind``): "checkpoint" (bad files, another
+    architecture, another tokenizer: the orchestrator rejects it) or "environment" (a file
+    missing on this node, a timeout, a dead engine: the swap fails, the version stays
+    promotable)."""
     logprobs: list[float] = field(default_factory=list)
     skipped: bool = False
     """Nothing to do: the replica already served (stage) or had flipped to (commit) it."""
@@ -183,9 +185,11 @@ class ActorLink:
 # The agent
 
 
-def _is_checkpoint_fault(e: BaseException) -> bool:
-    """Errors that say the checkpoint is bad, not the replica (see Result.checkpoint_fault)."""
-    return isinstance(e, (CheckpointError, ValueError, FileNotFoundError))
+def failure_kind(e: BaseException) -> FailureKind:
+    """Only a ``CheckpointError`` says the checkpoint itself is bad; anything else (a
+    ``SwapEnvironmentError``, a file missing on this node, a timeout, or a bug) may pass on a
+    retry, so it never rejects a checkpoint for good."""
+    return "checkpoint" if isinstance(e, CheckpointError) else "environment"
 
 
 class SwapAgent:
@@ -381,9 +385,10 @@ class SwapAgent:
             await self._run(command, result)
         except Exception as e:
             result.ok, result.error = False, f"{type(e).__name__}: {e}"
-            result.checkpoint_fault = _is_checkpoint_fault(e)
-            if command.kind == "commit":  # staged yet not serving: out of step with the rest
-                self.ready, self.error = False, f"commit of version {command.version} failed: {e}"
+            result.fault = failure_kind(e)
+            if command.kind in ("commit", "load"):  # out of step with the rest: stop routing
+                self.ready = False
+                self.error = f"{command.kind} of version {command.version} failed: {e}"
         result.seconds = time.perf_counter() - start
         return result
 
@@ -422,12 +427,11 @@ class SwapAgent:
             raise ValueError(f"unknown command {command.kind!r}")
 
     async def _evaluate(self, token_ids: list[int]) -> tuple[int, list[float]]:
-        """Log-probabilities of held-out ids under the weights this replica serves (canary)."""
-        loaded = self.model.current
-        if loaded is None:
+        """Log-probabilities of held-out ids under the weights this replica serves (canary),
+        with the version of those weights: both from one engine snapshot."""
+        if self.model.current is None:
             raise RuntimeError("this replica serves no model to evaluate")
-        lp = await asyncio.to_thread(token_logprobs, loaded.model, token_ids)
-        return loaded.version, [float(x) for x in lp]
+        return await self.model.evaluate(token_ids)
 
     async def _wait_retired(self, version: int, timeout_s: float = 300.0) -> None:
         """Wait until old requests stop using ``version``'s weights (a rollback to a version
@@ -436,7 +440,8 @@ class SwapAgent:
         if engine is None or current is None:
             return
         deadline = time.monotonic() + timeout_s
-        while not _settled(engine.stats(), current.version, version):
+        # Re-read what serves every time: a commit queued before this flips meanwhile.
+        while not _settled(engine.stats(), self.model.current.version, version):  # type: ignore[union-attr]
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"version {version} is still finishing old requests after {timeout_s:.0f} s"
@@ -464,6 +469,7 @@ __all__ = [
     "SwapAgent",
     "Target",
     "UnknownReplica",
+    "failure_kind",
     "local_path",
     "orchestrator_name",
 ]
