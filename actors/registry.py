@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from kilnlm.gate import Validation
+
 Status = Literal["registered", "validating", "validated", "promoted", "rejected", "retired"]
 STATUSES: tuple[Status, ...] = (
     "registered",
@@ -77,22 +79,6 @@ class Transition:
     status: Status
     unix: float
     reason: str = ""
-
-
-@dataclass
-class Validation:
-    """What the gate measured (validation.py's numbers, kept for later comparisons)."""
-
-    perplexity: float
-    bits_per_byte: float
-    tokens: int
-    """Held-out tokens scored."""
-    smoke_text: str
-    """The smoke generation's text, for people to read."""
-    seconds: float
-    reference_version: int | None = None
-    """The promoted version compared against (None: nothing was promoted)."""
-    reference_perplexity: float | None = None
 
 
 @dataclass
@@ -160,6 +146,10 @@ class SwapRecord:
     finished_unix: float | None = None
     swap_mode: str = ""
     replicas: dict[str, ReplicaSwap] = field(default_factory=dict)
+    failed_replica: str = ""
+    """The replica whose stage or commit failed ("" when none did, or a timeout)."""
+    failure_kind: str = ""
+    """"checkpoint" (the version is rejected) or "environment" (it stays promotable)."""
     canary: dict[str, Any] | None = None
     """Canary measurements: perplexities of both versions on the same tokens, logprob drift."""
 
@@ -317,6 +307,12 @@ class Registry:
         existing = self.find(path, manifest_sha256)
         if existing is not None:
             return existing
+        for record in self.checkpoints.values():
+            if record.path == path and not record.deleted:
+                raise RegistryError(
+                    f"{path} was rewritten after it was registered as version {record.version}; "
+                    "a registered checkpoint never changes: export to a new directory"
+                )
         if version is None or version in self.checkpoints:
             version = self.next_version
         now = time.time()
@@ -458,6 +454,9 @@ class Registry:
         return swap
 
     def finish_swap(self, swap: SwapRecord, outcome: SwapOutcome, reason: str = "") -> None:
+        """Settle a swap record, once: its outcome is what happened, never rewritten."""
+        if swap.outcome != "running":
+            raise RegistryError(f"swap {swap.swap_id} already finished ({swap.outcome})")
         swap.outcome, swap.reason, swap.finished_unix = outcome, reason, time.time()
         self.save()
 
@@ -467,19 +466,25 @@ class Registry:
         """Versions retention must keep: the promoted one and the rollback target."""
         return {v for v in (self.promoted, self.rollback_target) if v is not None}
 
-    def retention_candidates(self, keep_last: int) -> list[CheckpointRecord]:
+    def retention_candidates(
+        self, keep_last: int, in_use: set[int] | frozenset[int] = frozenset()
+    ) -> list[CheckpointRecord]:
         """Records whose files may be deleted: beyond the newest ``keep_last`` with files, never
-        the promoted version or the rollback target, never one still being checked."""
+        the promoted version, the rollback target or ``in_use`` (canary, swapping, served by a
+        replica), never one still being checked, never a path a kept version points at."""
         live = sorted(
             (r for r in self.checkpoints.values() if not r.deleted),
             key=lambda r: r.version,
             reverse=True,
         )
-        keep = self.protected() | {r.version for r in live[:keep_last]}
+        keep = self.protected() | set(in_use) | {r.version for r in live[:keep_last]}
+        kept_paths = {r.path for r in live if r.version in keep}
         return [
             r
             for r in live
-            if r.version not in keep and r.status not in ("registered", "validating")
+            if r.version not in keep
+            and r.path not in kept_paths
+            and r.status not in ("registered", "validating")
         ]
 
     def mark_deleted(self, version: int) -> None:

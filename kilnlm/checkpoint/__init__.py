@@ -29,8 +29,10 @@ The package is split along its jobs, and every public name is re-exported here
 from kilnlm.checkpoint.errors import (
     CheckpointError,
     ChecksumError,
+    IncompatibleWeightsError,
     IncompleteCheckpointError,
     ShapeMismatchError,
+    TokenizerMismatchError,
     UnsafeFormatError,
     UnsupportedConfigError,
 )
@@ -80,9 +82,11 @@ __all__ = [
     "CheckpointError",
     "ChecksumError",
     "FileEntry",
+    "IncompatibleWeightsError",
     "IncompleteCheckpointError",
     "Manifest",
     "ShapeMismatchError",
+    "TokenizerMismatchError",
     "UnsafeFormatError",
     "UnsupportedConfigError",
     "config_from_hf",

@@ -35,5 +35,15 @@ class UnsupportedConfigError(CheckpointError):
     """A config uses something the other side (kilnlm or HF Llama) cannot express."""
 
 
+class TokenizerMismatchError(CheckpointError, ValueError):
+    """The checkpoint's tokenizer differs from the served one: in-flight prompts were encoded
+    with the served one, so it cannot be hot-swapped (a ValueError too, for direct callers)."""
+
+
+class IncompatibleWeightsError(ShapeMismatchError, ValueError):
+    """New weights do not fit the serving model (a tensor or config field differs): hot-swap
+    needs the same architecture (a ValueError too, for callers that stage by hand)."""
+
+
 class UnsafeFormatError(CheckpointError):
     """The weights are in a pickle-based format, which kilnlm never loads."""

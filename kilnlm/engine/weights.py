@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from kilnlm.checkpoint.errors import IncompatibleWeightsError
 from kilnlm.model import Transformer
 
 SwapMode = Literal["double", "drain"]
@@ -62,28 +63,32 @@ class SwapReport:
 
 
 def check_state_dict(serving: Mapping[str, Tensor], new: Mapping[str, Tensor]) -> None:
-    """Raise ValueError naming the first tensor that is missing, unexpected or of another shape."""
+    """Raise IncompatibleWeightsError (a ValueError) naming the first tensor that is missing,
+    unexpected or of another shape: the checkpoint's fault, so the orchestrator rejects it."""
     missing = [name for name in serving if name not in new]
     if missing:
-        raise ValueError(
+        raise IncompatibleWeightsError(
+            missing[0],
             f"stage: tensor {missing[0]!r} is missing from the new weights "
-            f"({len(missing)} missing in all); was the checkpoint exported from this model shape?"
+            f"({len(missing)} missing in all); was the checkpoint exported from this model shape?",
         )
     unexpected = [name for name in new if name not in serving]
     if unexpected:
-        raise ValueError(
+        raise IncompatibleWeightsError(
+            unexpected[0],
             f"stage: tensor {unexpected[0]!r} is not in the serving model "
-            f"({len(unexpected)} unexpected in all); the checkpoint is for another architecture"
+            f"({len(unexpected)} unexpected in all); the checkpoint is for another architecture",
         )
     for name, tensor in serving.items():
         if tuple(new[name].shape) != tuple(tensor.shape):
-            raise ValueError(
+            raise IncompatibleWeightsError(
+                name,
                 f"stage: tensor {name!r} has shape {tuple(new[name].shape)}, the serving model "
-                f"has {tuple(tensor.shape)}; hot-swap needs the same model shape"
+                f"has {tuple(tensor.shape)}; hot-swap needs the same model shape",
             )
         if not new[name].dtype.is_floating_point:
-            raise ValueError(
-                f"stage: tensor {name!r} has dtype {new[name].dtype}, expected floating point"
+            raise IncompatibleWeightsError(
+                name, f"stage: tensor {name!r} has dtype {new[name].dtype}, expected floating point"
             )
 
 
@@ -94,9 +99,10 @@ def check_config(serving: Transformer, new: Transformer) -> None:
         if name == "init_std":  # training-only: does not change what the weights compute
             continue
         if new_cfg.get(name) != value:
-            raise ValueError(
+            raise IncompatibleWeightsError(
+                name,
                 f"stage: model config field {name!r} is {new_cfg.get(name)!r}, the serving model "
-                f"has {value!r}; hot-swap needs the same architecture"
+                f"has {value!r}; hot-swap needs the same architecture",
             )
 
 
