@@ -61,6 +61,7 @@ from kilnlm.actors.protocol import (
 )
 from kilnlm.actors.streaming import StreamShape, coalesce
 from kilnlm.engine import EngineDead, QueueFull
+from kilnlm.errors import InvalidArgumentError
 from kilnlm.generate import TokenLogprob
 from kilnlm.proto import admin_pb2, generation_pb2
 from kilnlm.sampling import SamplingParams
@@ -101,10 +102,12 @@ class UnparsableRequest:
     type_name: str
     bad_field: str | None
 
-    def error(self) -> ValueError:
+    def error(self) -> InvalidArgumentError:
         if self.bad_field is not None:
-            return ValueError(f"{self.bad_field} is not valid UTF-8; send text encoded as UTF-8")
-        return ValueError(f"request is not a valid {self.type_name} message")
+            return InvalidArgumentError(
+                f"{self.bad_field} is not valid UTF-8; send text encoded as UTF-8", self.bad_field
+            )
+        return InvalidArgumentError(f"request is not a valid {self.type_name} message")
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -219,17 +222,23 @@ def _versions(msg: Any) -> dict[str, int | None]:
 
 def _messages_from_proto(messages: Any) -> list[dict[str, str]]:
     if not messages:
-        raise ValueError("messages must not be empty: send at least one user message")
+        raise InvalidArgumentError(
+            "messages must not be empty: send at least one user message", "messages"
+        )
     out = []
     for i, m in enumerate(messages):
         if m.role not in _ROLES:
-            raise ValueError(f"messages[{i}].role must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT")
+            raise InvalidArgumentError(
+                f"messages[{i}].role must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT",
+                f"messages[{i}].role",
+            )
         out.append({"role": _ROLES[m.role], "content": m.content})
     return out
 
 
 def to_request(msg: Any, deadline: float | None = None) -> GenerationRequest | ScoreRequest:
-    """A protobuf request as the dataclass the replicas take; ValueError names a bad field.
+    """A protobuf request as the dataclass the replicas take; InvalidArgumentError names a bad
+    field.
 
     ``deadline`` is the client's gRPC deadline as wall-clock time (None: the client waits forever).
     """
@@ -237,11 +246,11 @@ def to_request(msg: Any, deadline: float | None = None) -> GenerationRequest | S
         raise msg.error()
     if isinstance(msg, generation_pb2.ScoreRequest):
         if not msg.text:
-            raise ValueError("text must not be empty")
+            raise InvalidArgumentError("text must not be empty", "text")
         return ScoreRequest(text=msg.text, **_versions(msg))
     chat = isinstance(msg, generation_pb2.ChatRequest)
     if not chat and not msg.prompt:
-        raise ValueError("prompt must not be empty")
+        raise InvalidArgumentError("prompt must not be empty", "prompt")
     return GenerationRequest(
         request_id=msg.request_id or uuid.uuid4().hex,
         params=sampling_from_proto(msg.sampling, chat),
@@ -361,13 +370,20 @@ def root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def status_of(exc: BaseException, retry_after_ms: int = 250) -> Status:
-    """The gRPC status for an exception: DESIGN.md's table, plus UNAVAILABLE for a dead replica."""
+def status_of(
+    exc: BaseException, retry_after_ms: int = 250, request_id: str | None = None
+) -> Status:
+    """The gRPC status for an exception: DESIGN.md's table, plus UNAVAILABLE for a dead replica.
+
+    Classes are mapped explicitly: INVALID_ARGUMENT only for ``InvalidArgumentError`` (the
+    client's fault); anything unexpected is INTERNAL, logged with its traceback under a request
+    id (the client's, else a fresh one) that the details repeat, so a report finds the trace.
+    """
     exc = root_cause(exc)
     code = grpc.StatusCode.INTERNAL
     details = str(exc) or type(exc).__name__
     trailers: tuple[tuple[str, str], ...] = ()
-    if isinstance(exc, ValueError):
+    if isinstance(exc, InvalidArgumentError):  # only this class: a stray ValueError is a bug
         code = grpc.StatusCode.INVALID_ARGUMENT
     elif isinstance(exc, (QueueFull, BackPressureError)):
         code = grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -384,9 +400,10 @@ def status_of(exc: BaseException, retry_after_ms: int = 250) -> Status:
         code = grpc.StatusCode.DEADLINE_EXCEEDED
     elif isinstance(exc, (RequestCancelledError, asyncio.CancelledError)):
         code = grpc.StatusCode.CANCELLED
-    else:
-        details = f"{type(exc).__name__}: {details}"
-        log.exception("unexpected error in a kiln.v1 call", exc_info=exc)
+    else:  # a bug, never the client's fault
+        request_id = request_id or uuid.uuid4().hex
+        details = f"internal error ({type(exc).__name__}: {details}); request id {request_id}"
+        log.error("unexpected error in a kiln.v1 call, request id %s", request_id, exc_info=exc)
     return Status(code, details, trailers)
 
 
@@ -406,8 +423,11 @@ class GenerationServicer:
         self.backend = backend
         self.retry_after_ms = retry_after_ms
 
-    async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
-        status = status_of(exc, self.retry_after_ms)
+    async def _abort(
+        self, context: grpc.aio.ServicerContext, exc: Exception, request: Any = None
+    ) -> None:
+        request_id = getattr(request, "request_id", None) or None
+        status = status_of(exc, self.retry_after_ms, request_id)
         await context.abort(status.code, status.details, status.trailers)
 
     async def _stream(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
@@ -419,7 +439,7 @@ class GenerationServicer:
                 async for chunk in chunks:
                     yield to_proto(chunk)
         except Exception as e:
-            await self._abort(context, e)
+            await self._abort(context, e, request)
 
     async def GenerateStream(
         self, request: Any, context: grpc.aio.ServicerContext
@@ -439,7 +459,7 @@ class GenerationServicer:
                 merged = merge_chunks([chunk async for chunk in chunks])
             return to_proto(merged, generation_pb2.GenerateResponse)
         except Exception as e:
-            await self._abort(context, e)
+            await self._abort(context, e, request)
 
     async def Score(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import TypedDict
 
 from kilnlm.chat_template import render_template
+from kilnlm.errors import InvalidArgumentError
 from kilnlm.hf_tokenizer import PretrainedTokenizer
 from kilnlm.tokenizer import Tokenizer
 
@@ -35,21 +36,28 @@ class Message(TypedDict):
 
 
 def validate_messages(messages: Sequence[Mapping[str, str]]) -> None:
-    """Raise ValueError naming the first bad message (index, and the role or field at fault)."""
+    """Raise InvalidArgumentError (a ValueError) naming the first bad message (index, and the
+    role or field at fault): messages come from clients."""
     if not messages:
-        raise ValueError("messages is empty; pass at least one {'role': ..., 'content': ...}")
+        raise InvalidArgumentError(
+            "messages is empty; pass at least one {'role': ..., 'content': ...}", "messages"
+        )
     for i, msg in enumerate(messages):
         if not isinstance(msg, Mapping) or "role" not in msg or "content" not in msg:
-            raise ValueError(
-                f"message {i} must be a mapping with 'role' and 'content', got {msg!r}"
+            raise InvalidArgumentError(
+                f"message {i} must be a mapping with 'role' and 'content', got {msg!r}",
+                f"messages[{i}]",
             )
         if msg["role"] not in ROLE_TOKENS:
-            raise ValueError(
-                f"message {i} has role {msg['role']!r}; use one of {', '.join(ROLE_TOKENS)}"
+            raise InvalidArgumentError(
+                f"message {i} has role {msg['role']!r}; use one of {', '.join(ROLE_TOKENS)}",
+                f"messages[{i}].role",
             )
         if not isinstance(msg["content"], str):
-            raise ValueError(
-                f"message {i} ({msg['role']}) content must be a str, got {type(msg['content']).__name__}"
+            raise InvalidArgumentError(
+                f"message {i} ({msg['role']}) content must be a str, got "
+                f"{type(msg['content']).__name__}",
+                f"messages[{i}].content",
             )
 
 

@@ -39,6 +39,7 @@ from kilnlm.actors.protocol import (
 from kilnlm.actors.serving_model import ServingModel
 from kilnlm.client import AsyncClient, Client
 from kilnlm.engine import EngineConfig, QueueFull
+from kilnlm.errors import InvalidArgumentError
 from kilnlm.eval import token_logprobs
 from kilnlm.generate import generate as reference_generate
 from kilnlm.proto import admin_pb2, admin_pb2_grpc
@@ -136,7 +137,8 @@ def test_to_request_carries_deadline_versions_and_messages():
 @pytest.mark.parametrize(
     ("exc", "code"),
     [
-        (ValueError("temperature must be >= 0"), grpc.StatusCode.INVALID_ARGUMENT),
+        (InvalidArgumentError("temperature must be >= 0"), grpc.StatusCode.INVALID_ARGUMENT),
+        (ValueError("a bug, not the client's input"), grpc.StatusCode.INTERNAL),
         (QueueFull("queue full"), grpc.StatusCode.RESOURCE_EXHAUSTED),
         (NoModelError("no model"), grpc.StatusCode.UNAVAILABLE),
         (VersionUnavailableError("v"), grpc.StatusCode.UNAVAILABLE),
@@ -150,14 +152,42 @@ def test_status_of_maps_each_error(exc, code):
 
 
 def test_status_of_unwraps_a_replica_error_and_hints_retry():
-    """A ValueError raised in a replica arrives wrapped in Ray's RayTaskError."""
-    wrapped = RayTaskError("generate", "Traceback ...", ValueError("prompt is too long"))
+    """An InvalidArgumentError raised in a replica arrives wrapped in Ray's RayTaskError."""
+    cause = InvalidArgumentError("prompt is too long", "prompt")
+    wrapped = RayTaskError("generate", "Traceback ...", cause)
     status = status_of(wrapped)
     assert (
         status.code == grpc.StatusCode.INVALID_ARGUMENT and status.details == "prompt is too long"
     )
     full = status_of(QueueFull("full"), retry_after_ms=700)
     assert dict(full.trailers) == {"retry-after-ms": "700", "grpc-retry-pushback-ms": "700"}
+
+
+class _BuggyModel(ServingModel):
+    """A replica whose Score hits an internal bug that happens to be a ValueError."""
+
+    async def score(self, request):
+        raise ValueError("index 7 is out of range (an internal bug, not the client's input)")
+
+
+def test_an_internal_value_error_is_internal_with_a_request_id_never_invalid_argument(
+    loop, ckpt, caplog
+):
+    config = ServeConfig(port=0, admin_token=TOKEN, engine=ENGINE)
+    model = _BuggyModel(config)
+    loop.run(model.load(str(ckpt)))
+    gateway = loop.run(start_gateway(model, config))
+    try:
+        with Client(gateway.address, timeout=30) as c, pytest.raises(grpc.RpcError) as e:
+            c.score("The kiln")
+        assert e.value.code() == grpc.StatusCode.INTERNAL
+        request_id = e.value.details().rsplit("request id ", 1)[1]
+        assert "ValueError" in e.value.details() and len(request_id) >= 12
+        logged = [r for r in caplog.records if request_id in r.getMessage()]
+        assert logged and logged[0].exc_info is not None, "the trace is logged under that id"
+    finally:
+        loop.run(gateway.stop(None))
+        model.shutdown()
 
 
 # --------------------------------------------------------------------------------------------
