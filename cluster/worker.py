@@ -1,8 +1,9 @@
 """The per-worker training loop that Ray Train runs on every rank.
 
-Each rank builds the model from the library with the same seed (so every rank starts from the
-same weights), shards it with FSDP2 (``cluster.parallelize``), and then repeats the library's
-``train_step`` on its own slice of the data: micro-batch i of rank r is
+Each rank builds the model from the library on the meta device, shards it with FSDP2 and
+materialises only its own shard, with the values a whole build from the seed would have
+(``cluster.parallelize.build_model``, which also applies the memory levers); it then repeats
+the library's ``train_step`` on its own slice of the data: micro-batch i of rank r is
 ``kilnlm.data.get_batch(shards, ..., step=i, rank=r, world_size=W)``, disjoint from every other
 rank's and a pure function of (i, r, seed). Every ``log_every`` steps all ranks average their
 numbers and call ``ray.train.report``; every ``checkpoint_every`` steps they also write a sharded
@@ -43,7 +44,7 @@ from kilnlm.cluster.checkpointing import (
 from kilnlm.cluster.config import ClusterConfig, join_uri
 from kilnlm.cluster.hooks import CheckpointHook
 from kilnlm.cluster.metrics import device_peak_tflops, mfu
-from kilnlm.cluster.parallelize import build_mesh, local_fraction, parallelize
+from kilnlm.cluster.parallelize import build_model, is_sharded, local_fraction
 from kilnlm.data import TokenShards, get_batch, steps_per_epoch
 from kilnlm.mlm import MaskingConfig, evaluate_mlm, mask_tokens, mlm_generator
 from kilnlm.model import ModelConfig, Transformer, flops_per_token
@@ -147,23 +148,17 @@ class WorkerLoop:
     # ---- setup --------------------------------------------------------------------------------
 
     def _build_model(self) -> Transformer:
-        """The library's model, sharded when there is more than one rank.
-
-        With one worker there is nothing to shard and FSDP would only add copies (about 30% of
-        a CPU step for tiny-3m), so the plain module trains, under autocast when bf16 is on;
-        its DCP checkpoints load into a sharded model later (and back), as DCP reshards.
-        """
-        torch.manual_seed(self.cfg.seed)  # same initial weights on every rank, before sharding
-        model = Transformer(self.spec.model).to(self.device)
+        """The library's model for this rank: meta init, the TrainConfig memory levers and FSDP2
+        when there is more than one rank (``cluster.parallelize.build_model``); same seed, same
+        initial weights on every rank."""
+        model = build_model(self.spec.model, self.cfg, self.device, self.world)
         check_objective(model, self.cfg)
-        if self.world == 1:
-            return model
-        return parallelize(model, build_mesh(self.device, self.world), self.param_dtype)
+        return model
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
         """FSDP's MixedPrecisionPolicy casts sharded models; an unsharded one needs autocast."""
-        return self.param_dtype if self.world == 1 else None
+        return None if is_sharded(self.model) else self.param_dtype
 
     def _eval_batches(self) -> list[Batch]:
         """This rank's fixed held-out batches (disjoint from other ranks'); [] if the split is

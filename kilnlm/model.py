@@ -397,16 +397,41 @@ class Transformer(nn.Module):
         if init_weights:
             self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """GPT-2 init: N(0, init_std), residual output projections scaled by 1/sqrt(2·n_layer)."""
-        std = self.config.init_std
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """GPT-2 init: N(0, init_std), residual output projections scaled by 1/sqrt(2·n_layer).
+
+        Parameters are drawn in ``named_parameters`` order from ``generator`` (default: torch's
+        global one), so a sharded model that draws each full tensor in the same order and keeps
+        only its slice (``kilnlm.cluster.parallelize``) gets exactly these values.
+        """
         for name, p in self.named_parameters():
-            if p.dim() == 1:
-                nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layer))
-            else:
-                nn.init.normal_(p, 0.0, std)
+            self.init_parameter(name, p, generator)
+
+    def init_parameter(
+        self, name: str, p: Tensor, generator: torch.Generator | None = None
+    ) -> None:
+        """Fill parameter ``name`` (or a full-size stand-in ``p`` for it) with its initial values."""
+        std = self.config.init_std
+        if p.dim() == 1:
+            nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
+        elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layer), generator)
+        else:
+            nn.init.normal_(p, 0.0, std, generator)
+
+    @torch.no_grad()
+    def reset_buffers(self, device: torch.device | str | None = None) -> None:
+        """Recompute the derived buffers (RoPE frequencies, sinusoidal table) on ``device``
+        (default: the parameters'; with parameters offloaded to the CPU, the compute device).
+
+        They are not parameters and not saved: a model built on the meta device and materialised
+        with ``to_empty`` holds garbage in them until this runs.
+        """
+        device = device or self.embed_tokens.weight.device
+        if self.rope is not None:
+            self.rope.inv_freq = rope_inv_freq(self.config)[0].to(device)
+        if self.config.pos_emb == "sinusoidal":
+            self.pos_table = sinusoidal_table(self.config.block_size, self.config.n_embd).to(device)
 
     def forward(
         self,

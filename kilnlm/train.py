@@ -76,7 +76,25 @@ class TrainConfig:
     sft, reward, dpo: post-training objectives (``kilnlm.posttrain``), which bring their own
     batches and loss through an ``Objective``."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """auto: bf16 autocast on CUDA, fp32 elsewhere."""
+    """auto: bf16 on CUDA, fp32 elsewhere. Under FSDP2 (cluster/) this is the
+    ``MixedPrecisionPolicy`` param dtype: blocks are all-gathered and computed in it while the
+    sharded master weights and the optimizer stay fp32; a single process uses autocast."""
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    """With bf16 parameters, the dtype FSDP2 reduce-scatters gradients in: fp32 keeps small
+    contributions from many ranks from rounding away; bf16 halves the traffic."""
+    meta_init: bool = True
+    """cluster/: build the model on the meta device, shard it, then materialise only this rank's
+    shard, drawing each full parameter in turn from ``seed`` and keeping its slice: the same
+    values as a whole build, while no rank ever holds more than one full parameter. False
+    builds the whole fp32 model on every rank, then shards it."""
+    activation_checkpointing: bool = False
+    """Keep only each block's input for backward and recompute the block: activations fall
+    from n_layer blocks' worth to n_layer inputs plus one block, for about 1/3 more compute."""
+    compile: bool = False
+    """torch.compile each block (fused kernels; needs a C++ compiler on CPU, Triton on GPU)."""
+    cpu_offload: bool = False
+    """cluster/: FSDP2 ``CPUOffloadPolicy``: sharded parameters, gradients and the optimizer
+    step live in host memory; only the blocks being computed are on the GPU."""
     log_every: int = 10
     """Refresh the progress bar's loss/lr/tok/s every this many steps."""
     checkpoint_every: int = 0
@@ -104,6 +122,7 @@ class TrainConfig:
             ("eval_batches", self.eval_batches >= 1, ">= 1"),
             ("objective", self.objective in OBJECTIVES, " or ".join(map(repr, OBJECTIVES))),
             ("precision", self.precision in ("auto", "fp32", "bf16"), "'auto', 'fp32' or 'bf16'"),
+            ("reduce_dtype", self.reduce_dtype in ("fp32", "bf16"), "'fp32' or 'bf16'"),
             ("log_every", self.log_every >= 1, ">= 1"),
             ("checkpoint_every", self.checkpoint_every >= 0, ">= 0 (0 never saves)"),
         ]
