@@ -30,7 +30,6 @@ that says what it holds, so a registered export is never rewritten.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import logging
@@ -41,7 +40,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +70,7 @@ from kilnlm.cluster.optimizer_state import (
     split_optimizer_state,
     to_json,
 )
+from kilnlm.cluster.train_state import TrainState, capture_rng, restore_rng
 from kilnlm.model import ModelConfig, Transformer
 
 log = logging.getLogger(__name__)
@@ -99,59 +99,6 @@ def train_state_name(rank: int) -> str:
 
 def rank_manifest_name(rank: int) -> str:
     return f"manifest-rank{rank:05d}.json"
-
-
-# --------------------------------------------------------------------------------------------
-# What besides the tensors a resumed run needs
-
-
-@dataclass
-class TrainState:
-    """The non-tensor state of one rank after ``step`` optimiser steps."""
-
-    step: int
-    """Completed optimiser steps: the next step to run. Also the LR schedule's position."""
-    tokens_seen: int
-    """Tokens consumed by all ranks so far."""
-    data_position: int
-    """Next micro-batch index for get_batch (= step · grad_accum_steps)."""
-    world_size: int
-    grad_accum_steps: int
-    seed: int
-    resumed_from: int
-    """Step the attempt that wrote this checkpoint started from (0 for a fresh run)."""
-    heldout_loss: float | None = None
-    """Held-out loss of these weights, when it was measured at this step."""
-    cpu_rng: str = ""
-    """torch's CPU generator state, base64."""
-    cuda_rng: str | None = None
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> TrainState:
-        return cls(**json.loads(text))
-
-
-def capture_rng(device: torch.device) -> tuple[str, str | None]:
-    """(cpu, cuda) generator states as base64 strings."""
-    cpu = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
-    cuda = None
-    if device.type == "cuda":
-        cuda = base64.b64encode(torch.cuda.get_rng_state(device).numpy().tobytes()).decode()
-    return cpu, cuda
-
-
-def restore_rng(state: TrainState, device: torch.device) -> None:
-    if state.cpu_rng:
-        torch.set_rng_state(_bytes_tensor(state.cpu_rng))
-    if state.cuda_rng and device.type == "cuda":
-        torch.cuda.set_rng_state(_bytes_tensor(state.cuda_rng), device)
-
-
-def _bytes_tensor(b64: str) -> Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(b64)), dtype=torch.uint8)
 
 
 # --------------------------------------------------------------------------------------------
