@@ -1,18 +1,21 @@
 """Distributed pretraining on real local Ray: 2 FSDP2 workers on CPU (gloo), a tiny model.
 
 Ray Train runs take ~20-40 s each on 2 cores (mostly starting worker processes and importing
-torch), so the module makes four and every test reads what it needs from them:
+torch), so the module makes five and every test reads what it needs from them:
 
 * ``reference``: 8 steps, checkpoints (and exports) at 4 and 8, a hook actor recording calls;
 * ``resumed``: the same job stopped after 4 steps, then launched again under the same name with
   a fault drill that SIGKILLs rank 1 at step 7, so one run covers restart-resume and worker
   death (the second attempt resumes from the step-4 checkpoint once more);
-* ``mlm``: the masked-LM objective.
+* ``mlm``: the masked-LM objective;
+* ``levers``: the reference job with the memory levers on (bf16, activation checkpointing, CPU
+  offload, whole-model init).
 """
 
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -118,6 +121,20 @@ def mlm(ray_cluster, corpus: str, storage: Path) -> RunResult:
     )
     # The default upload mode (async, on Ray's background thread) is exercised here.
     return launch(job(corpus, storage, "mlm", train=train, export=False, checkpoint_upload="async"))
+
+
+@pytest.fixture(scope="module")
+def levers(ray_cluster, corpus: str, storage: Path) -> RunResult:
+    """The reference job with every lever that runs on CPU switched on (compile aside: a minute
+    of compiling; tests/test_memory_levers.py covers it), and the model built whole first."""
+    train = replace(
+        TRAIN,
+        meta_init=False,
+        precision="bf16",
+        activation_checkpointing=True,
+        cpu_offload=True,
+    )
+    return launch(job(corpus, storage, "levers", train=train))
 
 
 def by_step(result: RunResult, key: str) -> dict[int, float]:
@@ -239,3 +256,13 @@ def test_masked_lm_objective_trains_on_two_workers(mlm) -> None:
     final = list_checkpoints(mlm.run_uri)  # uploaded asynchronously, complete by the end
     assert [p.name for p in final] == ["checkpoint-00000010-00000000"]
     assert verify_checkpoint(final[0]).step == 10
+
+
+def test_memory_levers_reach_the_workers_and_train_like_the_reference(reference, levers) -> None:
+    """bf16 parameters move the losses a little (so the flags arrived); checkpoints and exports
+    of CPU-offloaded shards work."""
+    want, got = by_step(reference[0], "loss"), by_step(levers, "loss")
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert got != want
+    assert [got[s] for s in sorted(got)] == pytest.approx([want[s] for s in sorted(want)], abs=0.05)
+    assert len(levers.exports) == 2 and len(list_checkpoints(levers.run_uri)) == 2
