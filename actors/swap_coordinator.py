@@ -227,7 +227,8 @@ class SwapCoordinator:
                 self.machine.commit_failed(rid, reason, result.fault or "environment")
 
     def _roll_back(self, swap: Swap, rec: SwapRecord, loads: Sent) -> None:
-        assert swap.previous is not None
+        if swap.previous is None:  # a first promotion: nothing to go back to (none promoted)
+            return
         previous = Target(swap.previous, self.registry.get(swap.previous).path)
         for rid in self.machine.to_roll_back():
             r = self.replicas.get(rid)

@@ -263,6 +263,33 @@ def test_lineage_rollback_and_retention_never_touch_promoted_or_rollback_target(
     assert {r.version for r in reg.retention_candidates(2)} == {3}  # newest 2 kept: 4, 5
 
 
+def test_retention_keeps_versions_in_use_and_every_path_a_kept_version_shares(tmp_path):
+    """A canary or a version a replica still serves is kept; so is a path that a kept version
+    points at, even where an older registry recorded two versions on it (a re-export)."""
+    reg = Registry.open(tmp_path)
+    for i, name in enumerate("abcd"):
+        _add(reg, name, str(i) * 64)
+        reg.set_status(i + 1, "validating")
+        reg.set_validation(i + 1, _validation(10.0))
+    reg.promote(1)
+    assert {r.version for r in reg.retention_candidates(0, in_use={3})} == {2, 4}
+    reg.checkpoints[4].path = reg.checkpoints[1].path  # as a pre-immutability registry had it
+    assert {r.version for r in reg.retention_candidates(0)} == {2, 3}
+
+
+def test_a_rewritten_registered_path_is_refused_and_a_swap_is_finished_once(tmp_path):
+    reg = Registry.open(tmp_path)
+    _add(reg, "a", "a" * 64)
+    assert _add(reg, "a", "a" * 64).version == 1, "the same content again is the same version"
+    with pytest.raises(RegistryError, match="rewritten"):
+        _add(reg, "a", "b" * 64)
+    swap = reg.start_swap("canary", 1, None)
+    reg.finish_swap(swap, "ok")
+    with pytest.raises(RegistryError, match="already finished"):
+        reg.finish_swap(swap, "aborted", "the canary's verdict, written over the outcome")
+    assert Registry.open(tmp_path).swaps[-1].outcome == "ok"
+
+
 # --------------------------------------------------------------------------------------------
 # Validation gate
 
