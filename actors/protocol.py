@@ -40,6 +40,9 @@ class GenerationRequest:
     gateway and the replica may sit on different hosts."""
     min_version: int | None = None
     pin_version: int | None = None
+    resume_token_ids: list[int] = field(default_factory=list)
+    """Tokens a replica that died had already streamed for this request: the gateway resends
+    it with them (and pinned to their version) so the client's stream goes on unbroken."""
 
 
 @dataclass

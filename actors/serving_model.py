@@ -287,7 +287,9 @@ class ServingModel:
         versions = VersionRule(request.min_version, request.pin_version)
         # The engine's id is ours: a client's request_id is only a label, two clients may pick
         # the same one.
-        outputs = engine.generate(uuid.uuid4().hex, ids, params, deadline, versions)
+        outputs = engine.generate(
+            uuid.uuid4().hex, ids, params, deadline, versions, request.resume_token_ids
+        )
         with _version_errors():
             async with contextlib.aclosing(arrived_together(outputs)) as batches:
                 async for batch in batches:

@@ -225,6 +225,17 @@ class Continuation:
             self.finish_reason = "length"
         return True
 
+    def resume(self, tokens: Sequence[int]) -> None:
+        """Take tokens another replica already generated and streamed (failover, see
+        ``actors.streaming.resumable``): none of them ended the stream, so no end rule runs;
+        their logprobs went to the client already, so placeholders keep the lists aligned."""
+        for token in tokens:
+            self.tokens.append(token)
+            if self.params.logprobs is not None:
+                self.logprobs.append(TokenLogprob(token, float("nan"), []))
+            if self.text is not None:
+                self.text.push(token)
+
     def _cut_at_stop_string(self, checked: int) -> bool:
         assert self.text is not None
         if len(self.text.text) == checked:

@@ -23,7 +23,7 @@ import concurrent.futures
 import contextlib
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from torch import Tensor
@@ -70,6 +70,7 @@ class AsyncLLMEngine:
         params: SamplingParams | None = None,
         deadline: float | None = None,
         versions: VersionRule | None = None,
+        resume: Sequence[int] = (),
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs (deltas) until the finished one.
 
@@ -83,7 +84,9 @@ class AsyncLLMEngine:
         self._streams[request_id] = (asyncio.get_running_loop(), outputs)
         try:
             await self._call(
-                lambda: self.engine.add_request(request_id, prompt_ids, params, deadline, versions)
+                lambda: self.engine.add_request(
+                    request_id, prompt_ids, params, deadline, versions, resume
+                )
             )
         except BaseException as e:
             self._streams.pop(request_id, None)

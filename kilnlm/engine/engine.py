@@ -25,7 +25,7 @@ import os
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -195,9 +195,12 @@ class LLMEngine:
         params: SamplingParams | None = None,
         deadline: float | None = None,
         versions: VersionRule | None = None,
+        resume: Sequence[int] = (),
     ) -> None:
         """Queue a request. ``deadline`` is a ``time.monotonic()`` instant; ``versions`` is
         checked when the request is admitted (a violation ends it "rejected", with ``error``).
+        ``resume``: tokens a replica that died had already streamed for this request; it goes
+        on after them as if it had made them (see ``_resume``).
 
         Raises InvalidArgumentError naming the bad field (request_id, prompt, max_tokens,
         num_beams, stop), and QueueFull when max_queue requests are waiting.
@@ -221,8 +224,41 @@ class LLMEngine:
         )
         if request.is_beam:
             request.beam = BeamSearch(prompt, params, self.eos_id)
+        if resume:
+            self._resume(request, self._validate_resume(resume, params))
         self.requests[request_id] = request
         self.scheduler.add(request)
+
+    def _validate_resume(self, resume: Sequence[int], params: SamplingParams) -> list[int]:
+        tokens = prompt_token_ids(resume, "resume_token_ids", self.model_config.vocab_size)
+        if params.num_beams > 1:
+            raise InvalidArgumentError(
+                "resume_token_ids cannot continue beam search (it streams at the end); resend "
+                "the request without them",
+                "resume_token_ids",
+            )
+        if len(tokens) >= params.max_tokens:
+            raise InvalidArgumentError(
+                f"resume_token_ids holds {len(tokens)} tokens, max_tokens is "
+                f"{params.max_tokens}: nothing is left to generate",
+                "resume_token_ids",
+            )
+        return tokens
+
+    def _resume(self, request: Request, tokens: list[int]) -> None:
+        """Continue from ``tokens`` exactly as the first replica would have: they join the
+        sequence that is prefilled (the scheduler starts from prompt + output), count toward
+        max_tokens, are not streamed again, and a sampling request's generator skips the draws
+        that made them (one ``exponential_`` over the vocabulary per token, as ``sample``
+        draws), so greedy and seeded requests give the undisturbed run's tokens."""
+        request.out.resume(tokens)
+        request.num_emitted = len(tokens)
+        if self.decode is not None:
+            request.text_emitted = len(request.out.visible_text(len(tokens)))
+        if not request.params.greedy:
+            noise = torch.empty(self.model_config.vocab_size, device=self.device)
+            for _ in tokens:
+                noise.exponential_(generator=request.generator)
 
     def _validate(self, request_id: str, prompt_ids: Any, params: SamplingParams) -> list[int]:
         if not isinstance(request_id, str) or not request_id:

@@ -191,7 +191,9 @@ class Scheduler:
         if request.seqs:  # preempted: recompute prompt + generated tokens
             seq = request.seqs[0]
         else:
-            seq = Sequence(self.new_seq_id(), list(request.prompt), salt=version)
+            # prompt + output: the output is empty unless the request resumes another
+            # replica's stream (failover), whose tokens are prefilled like the prompt's.
+            seq = Sequence(self.new_seq_id(), [*request.prompt, *request.output], salt=version)
         prefix = self.blocks.match_prefix(seq)
         n = min(len(seq.tokens) - len(prefix) * self.blocks.block_size, budget)
         if self.blocks.blocks_needed(seq, n, prefix) > self.blocks.num_free:
