@@ -41,7 +41,7 @@ from kilnlm.cluster.metrics import History, TensorBoardLog, plot_loss, write_csv
 from kilnlm.cluster.worker import WorkerSpec, train_loop_per_worker
 from kilnlm.data import CorpusManifest, build_corpus
 from kilnlm.model import ModelConfig
-from kilnlm.posttrain.job import PostTrainConfig
+from kilnlm.posttrain.job import PostTrainConfig, Prepared
 from kilnlm.train import TrainConfig
 
 POLL_S = 0.5
@@ -168,6 +168,11 @@ def launch(
     data_dir, vocab_size = prepare_data(job, progress=cc.progress)
     model_cfg = job.model_config(vocab_size)
     train_cfg = resolve_grad_accum(job.train, cc, cc.workers)
+    if train_cfg.objective not in ("clm", "mlm"):
+        raise ValueError(
+            f"objective {train_cfg.objective!r} is post-training: run kiln finetune, "
+            "kiln reward train or kiln dpo (they bring its data and loss)"
+        )
     if train_cfg.seq_len > model_cfg.block_size:
         raise ValueError(
             f"TrainConfig.seq_len ({train_cfg.seq_len}) exceeds the model's block_size "
@@ -203,16 +208,13 @@ def launch_spec(spec: WorkerSpec, raise_on_error: bool = True) -> RunResult:
     return result
 
 
-def launch_posttrain(
+def posttrain_spec(
     cfg: PostTrainConfig, train: TrainConfig, cluster: ClusterConfig
-) -> tuple[dict[str, Any] | None, RunResult]:
-    """SFT, reward model or DPO (``cfg.objective``) from ``cfg.parent``: prepare the data and the
-    plug-in here, train on the one worker, then score and export to ``cfg.out``.
-
-    Returns (summary, run); the summary is None when the run failed (``run.error`` says why).
-    """
+) -> tuple[WorkerSpec, Prepared]:
+    """The worker spec of a post-training run (the parent's model, the objective's plug-in) and
+    what ``kilnlm.posttrain.job.finish`` needs afterwards."""
     from kilnlm.checkpoint import config_from_hf
-    from kilnlm.posttrain.job import finish, prepare
+    from kilnlm.posttrain.job import prepare
 
     model_cfg = config_from_hf(json.loads((Path(cfg.parent) / "config.json").read_text()))
     if train.seq_len > model_cfg.block_size:
@@ -221,7 +223,7 @@ def launch_posttrain(
             f"pass --seq-len {model_cfg.block_size} or less"
         )
     prep = prepare(cfg, train.seq_len, train.batch_size, train.seed)
-    spec = WorkerSpec(
+    return WorkerSpec(
         model=model_cfg,
         train=resolve_grad_accum(replace(train, objective=cfg.objective), cluster, cluster.workers),
         cluster=cluster,
@@ -229,7 +231,20 @@ def launch_posttrain(
         run_uri=cluster.run_uri,
         hook=hook_from_config(cluster.hook_actor, cluster.hook_namespace),
         posttrain=prep.plugin,
-    )
+    ), prep
+
+
+def launch_posttrain(
+    cfg: PostTrainConfig, train: TrainConfig, cluster: ClusterConfig
+) -> tuple[dict[str, Any] | None, RunResult]:
+    """SFT, reward model or DPO (``cfg.objective``) from ``cfg.parent``: prepare the data and the
+    plug-in here, train on the one worker, then score and export to ``cfg.out``.
+
+    Returns (summary, run); the summary is None when the run failed (``run.error`` says why).
+    """
+    from kilnlm.posttrain.job import finish
+
+    spec, prep = posttrain_spec(cfg, train, cluster)
     result = launch_spec(spec, raise_on_error=False)
     if result.error is not None or not result.exports:
         return None, result
@@ -376,6 +391,7 @@ __all__ = [
     "launch",
     "launch_posttrain",
     "launch_spec",
+    "posttrain_spec",
     "prepare_data",
     "use_gpu",
     "with_overrides",

@@ -52,12 +52,55 @@ def _trainer_arguments(p: argparse.ArgumentParser) -> None:
     from kilnlm.cluster.config import ClusterConfig
     from kilnlm.train import TrainConfig
 
-    p.add_argument("--from", dest="parent", required=True, help="the export to start from")
+    p.add_argument(
+        "--from",
+        dest="parent",
+        required=True,
+        help="the export to start from: a folder, or a version registered with the orchestrator "
+        "at --address (e.g. 3 or v3)",
+    )
     p.add_argument("--data", help="JSONL file or folder (default: the embedded stdlib set)")
     p.add_argument("--out", required=True, help="the export folder to write")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument(
+        "--register",
+        action="store_true",
+        help="register the export with the orchestrator at --address (kiln serve / kiln up)",
+    )
+    p.add_argument("--address", default="127.0.0.1:50051", help="gateway host:port")
+    p.add_argument("--token", help="admin bearer token (default: $KILN_ADMIN_TOKEN)")
+    p.add_argument("--tls-ca", help="PEM file to verify a TLS gateway with")
+    p.add_argument("--timeout", type=float, default=60.0, help="admin call deadline (s)")
     config.add_arguments(p, TrainConfig, skip=("objective",))
     config.add_arguments(p, ClusterConfig)
+
+
+def resolve_parent(args: argparse.Namespace) -> str:
+    """``--from``: a folder as it is; a version number: the URI the orchestrator registered."""
+    from pathlib import Path
+
+    value = args.parent
+    if Path(value).exists() or not value.removeprefix("v").isdigit():
+        return value
+    from kilnlm.cli.admin import _call
+    from kilnlm.proto import admin_pb2
+
+    version = int(value.removeprefix("v"))
+    status = _call(args, "Status", admin_pb2.StatusRequest())
+    for c in status.checkpoints:
+        if c.version == version:
+            return c.uri.removeprefix("file://")
+    raise ValueError(f"--from {value}: the orchestrator has no version {version}; see kiln status")
+
+
+def register_export(args: argparse.Namespace, path: str) -> int:
+    """Hand the export to the running orchestrator; its version (Admin.Register)."""
+    from kilnlm.cli.admin import _call
+    from kilnlm.client import checkpoint_uri
+    from kilnlm.proto import admin_pb2
+
+    response = _call(args, "Register", admin_pb2.RegisterRequest(uri=checkpoint_uri(path)))
+    return int(response.version)
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[Any, Any, Any]:
@@ -69,7 +112,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     kind = args.objective
     cfg = PostTrainConfig(
         objective=kind,
-        parent=args.parent,
+        parent=resolve_parent(args),
         out=args.out,
         data=args.data,
         beta=getattr(args, "beta", 0.1),
@@ -110,6 +153,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         {"run": result.run_uri, "csv": str(result.csv_path), "png": str(result.png_path),
          "seconds": round(result.seconds, 1), "restarts": result.rewinds}
     )  # fmt: skip
+    if args.register:
+        summary["registered_version"] = register_export(args, summary["export"])
     if args.json:
         json.dump(summary, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
@@ -129,6 +174,10 @@ def format_summary(s: dict[str, Any]) -> str:
     for sample in s["figures"].get("after", {}).get("samples", [])[:2]:
         lines.append(f"sample    {sample['prompt']!r} -> {sample['answer']!r}")
     lines.append(f"metrics   {s['csv']}  plot {s['png']}")
+    if "registered_version" in s:
+        lines.append(
+            f"version   {s['registered_version']} (next: kiln promote {s['registered_version']})"
+        )
     return "\n".join(lines)
 
 

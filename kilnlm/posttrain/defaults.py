@@ -13,8 +13,8 @@ Instructions (chat), three kinds per public function with a docstring:
 Preferences, two kinds, each with a preference anyone can check:
 
 * the "what does" prompt: its true docstring paragraph over another function's (same module);
-* the "write a function" prompt: source that ``ast.parse`` accepts over a corrupted copy that it
-  rejects (a dropped ``:``, an unclosed bracket, or the body cut off mid-line).
+* the "write a function" prompt: source that ``ast.parse`` accepts over each of three corrupted
+  copies that it rejects (a dropped ``:``, an unclosed bracket, the body cut off mid-line).
 
 Deduplicated (an answer given once: ``os.path.join`` and ``posixpath.join`` are one function) and
 split **by module**: a module is held out or trained on as a whole (by a hash of its name), so no
@@ -228,14 +228,12 @@ def preferences(fns: list[Function]) -> list[Preference]:
                     f.module,
                 )
             )
-        if f.source is not None:
-            bad = corrupt(f.source, CORRUPTIONS[i % len(CORRUPTIONS)])
+        if f.source is None:
+            continue
+        prompt = ({"role": "user", "content": write_prompt(f)},)
+        for bad in dict.fromkeys(corrupt(f.source, kind) for kind in CORRUPTIONS):
             if parses(f.source) and not parses(bad):
-                out.append(
-                    Preference(
-                        ({"role": "user", "content": write_prompt(f)},), f.source, bad, f.module
-                    )
-                )
+                out.append(Preference(prompt, f.source, bad, f.module))
     return out
 
 
