@@ -331,8 +331,9 @@ class Orchestrator:
 
 
 def _read_manifest(path: str) -> tuple[checkpoint.Manifest, str]:
-    """The manifest and its content identity (not its bytes: they carry the export's time)."""
-    manifest = checkpoint.read_manifest(path)
+    """The manifest and its content identity (not its bytes: they carry the export's time); a
+    plain Hugging Face directory gets its manifest computed here (checked from then on)."""
+    manifest = checkpoint.ensure_manifest(path, verify=False)
     return manifest, manifest.content_sha256()
 
 

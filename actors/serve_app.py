@@ -13,6 +13,7 @@ disabled), and two such applications (two ``app_name``s, two gRPC ports) share o
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 from ray import serve
@@ -84,13 +85,40 @@ def run(config: ServeConfig) -> str:
     start_serve(config)
     # No per-call access log: the gateway's health poll alone would write two lines a second.
     logging = {"enable_access_log": False}
-    handle = serve.run(
-        build_app(config),
-        name=config.app_name,
-        route_prefix="/" if config.http_port else None,
-        logging_config=logging,
-    )
+    try:
+        handle = serve.run(
+            build_app(config),
+            name=config.app_name,
+            route_prefix="/" if config.http_port else None,
+            logging_config=logging,
+        )
+    except RuntimeError as e:  # Serve says only "failed to update the deployments"
+        raise DeployError(deploy_failure(config.app_name, e)) from None
     return handle.address.remote().result()
+
+
+class DeployError(RuntimeError):
+    """The application did not start; the message is one line: why its replica failed."""
+
+
+_EXCEPTION_LINE = re.compile(r"^([\w.]+(?:Error|Exception)): (.+)$")
+
+
+def deploy_failure(app_name: str, exc: BaseException) -> str:
+    """The last exception a replica raised while starting (from Serve's status), as one line."""
+    try:
+        app = serve.status().applications.get(app_name)
+        messages = [d.message for d in app.deployments.values() if d.message] if app else []
+    except Exception:  # the status is a courtesy; the error itself is what matters
+        messages = []
+    causes = [
+        m.group(1).rsplit(".", 1)[-1] + ": " + m.group(2)
+        for text in messages
+        for m in map(_EXCEPTION_LINE.match, (ln.strip() for ln in text.splitlines()))
+        if m and not m.group(2).startswith("Traceback")
+    ]
+    reason = causes[-1] if causes else str(exc).splitlines()[0]
+    return f"the Serve application {app_name!r} did not start: {reason}"
 
 
 def start_serve(config: ServeConfig) -> None:
@@ -181,8 +209,10 @@ def llm_handle(config: ServeConfig) -> serve.handle.DeploymentHandle:
 
 
 __all__ = [
+    "DeployError",
     "app_builder",
     "build_app",
+    "deploy_failure",
     "deployment_options",
     "http_listening",
     "http_url",

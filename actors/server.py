@@ -164,6 +164,14 @@ class LLMServer:
             self.metrics.sample(await self.model.info(), rate)
 
     async def __del__(self) -> None:
-        self._metrics_task.cancel()
-        await self.swap_agent.stop()  # [orchestrator]
-        self.model.shutdown()
+        """Stop what __init__ started, and only that: a replica whose checkpoint could not load
+        never got its swap agent or metrics task, and its shutdown must not add an error."""
+        task = getattr(self, "_metrics_task", None)
+        if task is not None:
+            task.cancel()
+        agent = getattr(self, "swap_agent", None)
+        if agent is not None:
+            await agent.stop()  # [orchestrator]
+        model = getattr(self, "model", None)
+        if model is not None:
+            model.shutdown()

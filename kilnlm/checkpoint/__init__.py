@@ -24,8 +24,10 @@ The package is split along its jobs, and every public name is re-exported here
 - ``hf``        the HF Llama mapping: config.json keys (RoPE scaling included), tensor names
 - ``export``    model / state dict -> directory, atomically
 - ``load``      directory -> model / state dict, verified, never unpickled
+- ``adopt``     a plain Hugging Face directory gets its manifest when first registered or served
 """
 
+from kilnlm.checkpoint.adopt import check_servable, ensure_manifest
 from kilnlm.checkpoint.errors import (
     CheckpointError,
     ChecksumError,
@@ -89,8 +91,10 @@ __all__ = [
     "TokenizerMismatchError",
     "UnsafeFormatError",
     "UnsupportedConfigError",
+    "check_servable",
     "config_from_hf",
     "config_to_hf",
+    "ensure_manifest",
     "export_content_addressed",
     "export_state_dict",
     "from_hf_state_dict",

@@ -95,7 +95,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     model, tok = _load(args.checkpoint)
     text = _read_text(args.text)
-    ids = tok.encode(text)
+    ids = tok.encode_prompt(text)  # a Hugging Face tokenizer's BOS first, as transformers does
     if len(ids) < 2:
         raise ValueError(f"{args.text}: need at least 2 tokens of text to score, got {len(ids)}")
     lp = token_logprobs(model, ids, stride=args.stride)

@@ -59,7 +59,7 @@ def _register_serve(subparsers: Any) -> None:
         help="held-out data for the validation gate: a corpus folder or a text file (default: "
         "the default corpus's held-out documents)",
     )
-    add_arguments(p, ServeConfig, skip=("admin_token",))
+    add_arguments(p, ServeConfig, skip=("admin_token", "api_key"))
     add_arguments(p, EngineConfig, prefix=ENGINE_PREFIX)
     p.set_defaults(func=cmd_serve)
 
@@ -77,21 +77,35 @@ def serve_config(args: argparse.Namespace) -> Any:
         data["engine"] = {**data.get("engine", {}), **engine}
     if os.environ.get("KILN_ADMIN_TOKEN"):
         data["admin_token"] = os.environ["KILN_ADMIN_TOKEN"]
+    if os.environ.get("KILN_API_KEY"):  # the HTTP API's key, kept out of shell history too
+        data["api_key"] = os.environ["KILN_API_KEY"]
     return from_dict(ServeConfig, data)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from kilnlm import checkpoint
+
     config = serve_config(args)
     if config.checkpoint is not None and not Path(config.checkpoint).is_dir():
         raise FileNotFoundError(f"checkpoint directory {config.checkpoint} does not exist")
-    from kilnlm.actors.serve_app import serve_until_interrupted
+    if config.checkpoint is not None:  # what the replica would refuse, said here in one line
+        try:
+            checkpoint.check_servable(config.checkpoint)  # adopts a Hugging Face directory
+        except checkpoint.CheckpointError as e:
+            print(f"kiln serve: error: {e}", file=sys.stderr)
+            return 2
+    from kilnlm.actors.serve_app import DeployError, serve_until_interrupted
 
     # Ctrl-C must stop the server even when the shell started it in the background (which
     # ignores SIGINT); Ray's own SIGTERM handler exits through its `finally` as well.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     heldout = os.path.abspath(args.heldout) if args.heldout else None
     registry = os.path.abspath(args.registry) if args.registry else None
-    return serve_until_interrupted(config, args.ray_address, registry, heldout)
+    try:
+        return serve_until_interrupted(config, args.ray_address, registry, heldout)
+    except DeployError as e:
+        print(f"kiln serve: error: {e}", file=sys.stderr)
+        return 1
 
 
 # --------------------------------------------------------------------------------------------

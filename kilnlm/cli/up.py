@@ -63,6 +63,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--load-clients", type=int, help="concurrent background streams (default 1)")
     p.add_argument("--max-ppl-increase", type=float, help="gate margin (default 0.05: 5 %%)")
     p.add_argument("--port", type=int, help="gateway port (default 50051; 0 picks a free one)")
+    p.add_argument(
+        "--http-port", type=int, help="OpenAI-compatible HTTP API port (default 8000; 0: off)"
+    )
     p.add_argument("--host", help="gateway address (default 127.0.0.1)")
     p.add_argument("--num-replicas", type=int, help="LLM server replicas (default 2)")
     p.add_argument("--app-name", help="Serve application name (default kiln)")
@@ -93,7 +96,8 @@ def serve_from_args(args: argparse.Namespace, token: str | None) -> Any:  # -> S
     serve = default_serve()
     if args.serve_config:
         serve = from_dict(ServeConfig, dict(read_file(args.serve_config).get("serve", {})))
-    flags = {k: getattr(args, k) for k in ("port", "host", "num_replicas", "app_name")}
+    names = ("port", "http_port", "host", "num_replicas", "app_name")
+    flags = {k: getattr(args, k) for k in names}
     return replace(serve, admin_token=token, **{k: v for k, v in flags.items() if v is not None})
 
 
