@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kilnlm.posttrain.plugin import PostTrainPlugin, autocast, rank_share, right_pad
+from kilnlm.posttrain.plugin import PostTrainPlugin, rank_share, right_pad
 from kilnlm.posttrain.reward import PairExample
-from kilnlm.train import IGNORE_INDEX, Objective
+from kilnlm.train import IGNORE_INDEX, Objective, autocast
 
 RefLogps = tuple[float, float]
 """(log π_ref(y_w|x), log π_ref(y_l|x)) of one pair."""

@@ -20,7 +20,6 @@ preference objectives stay where they are.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -72,12 +71,6 @@ def rank_share(items: list[Any], rank: int, world: int, cap: int) -> list[Any]:
     so the mean of the ranks' means is the mean over all)."""
     per_rank = min(len(items) // world, cap)
     return items[rank * per_rank : (rank + 1) * per_rank]
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def load_full_state_dict(model: nn.Module, state_dict: dict[str, Tensor]) -> None:

@@ -27,9 +27,9 @@ from torch import Tensor, nn
 
 from kilnlm.chat import encode_chat
 from kilnlm.posttrain.data import Preference
-from kilnlm.posttrain.plugin import PostTrainPlugin, autocast, rank_share, right_pad
+from kilnlm.posttrain.plugin import PostTrainPlugin, rank_share, right_pad
 from kilnlm.tokenizer import Tokenizer
-from kilnlm.train import Objective
+from kilnlm.train import Objective, autocast
 
 HEAD_TOKEN = "<|mask|>"
 """The output row that serves as the scalar head."""

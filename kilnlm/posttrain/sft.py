@@ -20,9 +20,9 @@ from torch import Tensor, nn
 
 from kilnlm.chat import encode_chat, loss_mask
 from kilnlm.posttrain.data import Chat
-from kilnlm.posttrain.plugin import PostTrainPlugin, autocast, rank_share, right_pad
+from kilnlm.posttrain.plugin import PostTrainPlugin, rank_share, right_pad
 from kilnlm.tokenizer import Tokenizer
-from kilnlm.train import IGNORE_INDEX, TOKEN_LOSS, Objective, lm_loss, n_scored
+from kilnlm.train import IGNORE_INDEX, TOKEN_LOSS, Objective, autocast, lm_loss, n_scored
 
 
 @dataclass(frozen=True)
