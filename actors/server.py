@@ -25,6 +25,7 @@ import torch
 from ray import serve
 from ray.util import metrics
 
+from kilnlm.actors.metrics import KilnMetrics
 from kilnlm.actors.protocol import (
     GenerationChunk,
     GenerationRequest,
@@ -54,11 +55,6 @@ class ReplicaMetrics:
         self.kv_blocks_total = metrics.Gauge("kiln_kv_blocks_total", "KV-cache blocks reserved")
         self.tokens_per_s = metrics.Gauge("kiln_tokens_per_second", "Generated tokens per second")
         self.tokens = metrics.Counter("kiln_generated_tokens", "Generated tokens")
-        self.ttft = metrics.Histogram(
-            "kiln_time_to_first_token_seconds",
-            "Request arrival to its first generated token",
-            boundaries=LATENCY_BOUNDARIES_S,
-        )
         self.tpot = metrics.Histogram(
             "kiln_time_per_output_token_seconds",
             "Mean time between a request's generated tokens after the first",
@@ -82,9 +78,8 @@ class RequestTimer:
         self.tokens = 0
 
     def tokens_arrived(self, n: int, m: ReplicaMetrics) -> None:
-        if n and self.first is None:
+        if n and self.first is None:  # kiln_time_to_first_token_seconds: actors/metrics.py
             self.first = time.monotonic()
-            m.ttft.observe(self.first - self.start)
         self.tokens += n
 
     def finished(self, m: ReplicaMetrics) -> None:
@@ -110,6 +105,7 @@ class LLMServer:
         # this constructor returns, so Serve never routes to an old or empty replica.
         self.swap_agent = await SwapAgent.start_in_replica(self.model)
         self.metrics = ReplicaMetrics()
+        self.kiln_metrics = KilnMetrics(config.model_id)  # vLLM's series (actors/metrics.py)
         self._tokens_total = 0
         self._metrics_task = asyncio.create_task(self._report_metrics())
 
@@ -120,6 +116,7 @@ class LLMServer:
         CancelledError unwinds through ServingModel.generate, which aborts the engine request.
         """
         timer = RequestTimer()
+        observer = self.kiln_metrics.request()
         config = self.model.config
         shape = StreamShape(config.stream_interval_s, config.stream_max_tokens)
         deltas = coalesce(self.model.generate(request), merge_chunks, _n_tokens, shape)
@@ -127,6 +124,7 @@ class LLMServer:
             async for chunk in chunks:
                 n = len(chunk.token_ids)
                 timer.tokens_arrived(n, self.metrics)
+                observer.chunk(chunk)
                 self._tokens_total += n
                 if n:
                     self.metrics.tokens.inc(n)
@@ -161,7 +159,9 @@ class LLMServer:
             now = time.monotonic()
             rate = (self._tokens_total - last_tokens) / max(now - last_time, 1e-9)
             last_tokens, last_time = self._tokens_total, now
-            self.metrics.sample(await self.model.info(), rate)
+            info = await self.model.info()
+            self.metrics.sample(info, rate)
+            self.kiln_metrics.sample(info)
 
     async def __del__(self) -> None:
         """Stop what __init__ started, and only that: a replica whose checkpoint could not load

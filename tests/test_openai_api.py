@@ -229,3 +229,48 @@ def test_error_table_mirrors_grpc():
     assert error_of(BackPressureError(num_queued_requests=9, max_queued_requests=8)).status == 429
     assert error_of(NoModelError("no model")).status == 503
     assert error_of(RuntimeError("bug")).status == 500
+
+
+SERIES = [
+    "kiln_num_requests_running", "kiln_num_requests_waiting", "kiln_kv_cache_usage_perc",
+    "kiln_time_to_first_token_seconds_bucket", "kiln_inter_token_latency_seconds_bucket",
+    "kiln_e2e_request_latency_seconds_bucket", "kiln_prompt_tokens_total",
+    "kiln_generation_tokens_total", "kiln_request_success_total", "kiln_model_version",
+    "kiln_energy_joules_total",
+]  # fmt: skip
+
+
+def test_vllm_named_series_reach_rays_metrics_endpoint(client):
+    """Scraped from Ray's own Prometheus endpoint (Ray adds its ``ray_`` prefix)."""
+    import ray
+    from serving_utils import wait_until
+
+    client.completions.create(model=MODEL, prompt="The kiln", max_tokens=4, temperature=0)
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    scraped = {"text": ""}
+
+    def all_there() -> bool:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            scraped["text"] = r.read().decode()
+        return all(f"ray_{name}" in scraped["text"] for name in SERIES)
+
+    assert wait_until(all_there, timeout=120, period=2), [
+        name for name in SERIES if f"ray_{name}" not in scraped["text"]
+    ]
+    lines = scraped["text"].splitlines()
+    success = [ln for ln in lines if ln.startswith("ray_kiln_request_success_total{")]
+    assert any('finished_reason="length"' in ln and f'model_name="{MODEL}"' in ln for ln in success)
+    (version,) = [
+        ln for ln in lines
+        if ln.startswith("ray_kiln_model_version{") and f'model_name="{MODEL}"' in ln
+    ]  # fmt: skip
+    assert float(version.rsplit(" ", 1)[1]) == 1.0
+
+
+def test_grafana_dashboard_graphs_every_series():
+    from pathlib import Path
+
+    dashboard = json.loads((Path(__file__).parents[1] / "deploy" / "grafana-kiln.json").read_text())
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    for name in SERIES:
+        assert f"ray_{name.removesuffix('_bucket')}" in exprs, name
