@@ -28,7 +28,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import singledispatch
 from typing import Any, Protocol
 
@@ -59,7 +59,7 @@ from kilnlm.actors.protocol import (
     VersionUnavailableError,
     merge_chunks,
 )
-from kilnlm.actors.streaming import StreamShape, coalesce
+from kilnlm.actors.streaming import Failover, StreamShape, coalesce, resumable
 from kilnlm.engine import EngineDead, QueueFull
 from kilnlm.errors import InvalidArgumentError
 from kilnlm.generate import TokenLogprob
@@ -646,14 +646,68 @@ def _n_tokens(chunk: GenerationChunk) -> int:
     return len(chunk.token_ids)
 
 
+def _tokens(chunk: GenerationChunk) -> list[int]:
+    return chunk.token_ids
+
+
+def _version(chunk: GenerationChunk) -> int:
+    return chunk.model_version
+
+
+def _replica_lost(exc: BaseException) -> bool:
+    """The replica went away under the stream (resend it elsewhere), as opposed to an error of
+    the request itself (which a resend would only repeat)."""
+    return isinstance(
+        root_cause(exc),
+        (RayActorError, DeploymentUnavailableError, AbortedError, EngineDead, _NotServedHere),
+    )
+
+
+class _NotServedHere(VersionUnavailableError):
+    """A resent stream reached a replica that no longer serves the version that made its first
+    tokens: try another; once the resends are spent, UNAVAILABLE (as DESIGN.md's table)."""
+
+
+async def _unavailable_if_not_served(
+    stream: AsyncIterator[GenerationChunk], version: int | None
+) -> AsyncIterator[GenerationChunk]:
+    try:
+        async with contextlib.aclosing(stream) as chunks:
+            async for chunk in chunks:
+                yield chunk
+    except Exception as e:
+        if isinstance(root_cause(e), VersionMismatchError):
+            raise _NotServedHere(
+                f"the replica serving this stream died and no other replica serves version "
+                f"{version} now; retry the request"
+            ) from e
+        raise
+
+
 class HandleBackend:
     """The Backend contract over a DeploymentHandle to the LLMServer deployment."""
 
-    def __init__(self, handle: serve.handle.DeploymentHandle) -> None:
+    def __init__(self, handle: serve.handle.DeploymentHandle, failover: Failover | None = None):
         self.handle = handle
+        self.failover = failover if failover is not None else Failover()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        """The replica's stream; while the client is slower than the replica, the deltas that
+        """One unbroken stream: when the replica under it dies, the request is resent to
+        another with the tokens already streamed, pinned to their version (``resumable``)."""
+
+        def start(streamed: list[int], version: int | None) -> AsyncIterator[GenerationChunk]:
+            if not streamed:  # the first try, or nothing was streamed (beam search: at the end)
+                return self._stream(request)
+            resumed = replace(request, resume_token_ids=streamed, pin_version=version)
+            return _unavailable_if_not_served(self._stream(resumed), version)
+
+        stream = resumable(start, _tokens, _version, _replica_lost, self.failover)
+        async with contextlib.aclosing(stream) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def _stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """One replica's stream; while the client is slower than the replica, the deltas that
         piled up are sent as one message (``coalesce`` with no hold: it never delays one)."""
         response = self.handle.options(stream=True).generate.remote(request)
         finished = False
@@ -684,7 +738,8 @@ class Gateway:
         from kilnlm.actors.admin import OrchestratorAdmin
 
         admin = OrchestratorAdmin(config.app_name)
-        self._server = await start_gateway(HandleBackend(llm), config, admin)
+        failover = Failover(config.failover_max_resends, config.failover_backoff_s)
+        self._server = await start_gateway(HandleBackend(llm, failover), config, admin)
 
     async def address(self) -> str:
         """host:port the gRPC server listens on (the real port when the config asked for 0)."""

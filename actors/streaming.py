@@ -147,7 +147,7 @@ async def _gather(
 class Failover:
     """How often a stream whose replica died is resent elsewhere (``ServeConfig.failover_*``)."""
 
-    max_resends: int = 3
+    max_resends: int = 5
     """Resends per request before the client gets the error (UNAVAILABLE); 0 turns failover off."""
     backoff_s: float = 0.2
     """Wait before the first resend, doubled for each next one (Serve is replacing the replica)."""

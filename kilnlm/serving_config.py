@@ -83,7 +83,7 @@ class ServeConfig:
     sends one message per engine step (merged only when the gateway lags)."""
     stream_max_tokens: int = 16
     """Send held deltas as soon as this many tokens are pending (0: only the interval counts)."""
-    failover_max_resends: int = 3
+    failover_max_resends: int = 5
     """When a replica dies under a stream, the gateway resends the request to another replica
     with the tokens already streamed, pinned to the same version, at most this many times;
     0 turns failover off (the client gets UNAVAILABLE and retries itself)."""

@@ -51,6 +51,7 @@ def address(ray_cluster, ckpt):
         checkpoint=str(ckpt), port=0, http_port=0, app_name=APP, health_poll_s=0.1, engine=ENGINE,
         max_ongoing_requests=256, replica_num_cpus=0.5,
         stream_interval_s=STREAM_INTERVAL_S, stream_max_tokens=STREAM_MAX_TOKENS,
+        failover_max_resends=0,  # one replica: its death reaches the client (test_failover: 2)
     )  # fmt: skip
     yield serve_app.run(config)
     serve.delete(APP)
