@@ -182,3 +182,22 @@ def test_object_store_storage_is_refused_naming_the_field() -> None:
     job = replace(job, cluster=replace(job.cluster, storage_path="s3://bucket/kiln"))
     with pytest.raises(ValueError, match="storage_path"):
         UpConfig(job=job)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_summary_reports_training_and_serving_energy(summary) -> None:
+    """kWh and CO2 of the training run, and of serving per 1,000 generated tokens, labelled with
+    their source (an estimate on a machine without RAPL or NVML)."""
+    result, _ = summary
+    train, serving = result.energy["train"], result.energy["serving"]
+    assert train["kwh"] > 0 and train["co2_g"] == pytest.approx(train["kwh"] * 475.0)
+    assert train["estimated"] == ("estimate" in train["source"])
+    if serving["tokens"]:
+        assert serving["kwh_per_1k_tokens"] == pytest.approx(
+            serving["kwh"] * 1000 / serving["tokens"]
+        )
+    text = result.format()
+    assert "energy    train" in text and "g CO2" in text
+    saved = json.loads((Path(result.run_dir) / "up-summary.json").read_text())
+    assert saved["energy"]["train"]["kwh"] == train["kwh"]

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kilnlm.cluster.config import ClusterConfig, JobConfig
+from kilnlm.energy import EnergyConfig
 from kilnlm.engine import EngineConfig
 from kilnlm.serving_config import ServeConfig
 from kilnlm.train import TrainConfig
@@ -118,6 +119,8 @@ class UpConfig:
     ray_num_cpus: int = 8
     """Logical CPUs of a local Ray: enough for 2 trainers, 2 replicas, gateway and orchestrator."""
     status_poll_s: float = 1.0
+    energy: EnergyConfig = field(default_factory=EnergyConfig)
+    """Grid carbon intensity (g CO2/kWh) and the per-core watts of the CPU estimate."""
 
     def __post_init__(self) -> None:
         if not self.prompt:

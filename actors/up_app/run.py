@@ -15,6 +15,7 @@ from kilnlm.actors.runtime_env import runtime_env
 from kilnlm.actors.up_app.config import UpConfig
 from kilnlm.actors.up_app.summary import UpSummary, is_settled, summarize
 from kilnlm.actors.up_app.watch import ClientLoad, PromotionWatcher
+from kilnlm.energy import EnergyMeter, EnergyReport
 
 
 def connect_ray(config: UpConfig) -> bool:
@@ -56,6 +57,9 @@ class UpRun:
         self.watcher: PromotionWatcher | None = None
         self.load: ClientLoad | None = None
         self.train_s = 0.0
+        self.train_energy: EnergyReport | None = None
+        self.serve_meter: EnergyMeter | None = None
+        self.train_end_unix = 0.0
         self.training_error: str | None = None
         self.ngram: dict[str, Any] | None = None
 
@@ -124,9 +128,11 @@ class UpRun:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its INFO lines bury ours
         self.deployed = True  # from here on, a failure still deletes what serve.run made
         self.address = serve_app.run(serve)
+        url = serve_app.http_url(serve)
+        http = f" and {url} (OpenAI HTTP, model {serve.model_id!r})" if url else ""
         self.say(
-            f"[kiln up] serving on {self.address} (gRPC): {serve.num_replicas} replicas, empty "
-            "until the first promotion"
+            f"[kiln up] serving on {self.address} (gRPC){http}: {serve.num_replicas} replicas, "
+            "empty until the first promotion"
         )
         self.watcher = PromotionWatcher(self.orchestrator, self.address, self.config, self.say)
         self.watcher.start()
@@ -144,8 +150,12 @@ class UpRun:
             f"{job.train.max_steps} steps, a checkpoint every {job.train.checkpoint_every}"
         )
         t = time.perf_counter()
+        meter = EnergyMeter("machine", self.config.energy)  # every Ray worker of the run
         result = launch(job, hook=hook, raise_on_error=False)
         self.train_s = time.perf_counter() - t
+        self.train_energy = meter.report()
+        self.serve_meter = EnergyMeter("machine", self.config.energy)  # serving from here on
+        self.train_end_unix = time.time()
         if result.error is not None:
             self.training_error = f"{type(result.error).__name__}: {result.error}"
         errors = (result.worker_result or {}).get("hook_errors") or []
@@ -179,10 +189,23 @@ class UpRun:
             settled=settled,
             training_error=self.training_error,
             ngram=self.ngram,
+            energy=self.energy(),
         )
         path = self.config.run_dir / "up-summary.json"
         path.write_text(json.dumps(summary.to_dict(), indent=2, default=str))
         return summary
+
+    def energy(self) -> dict[str, Any] | None:
+        """Training's energy, and serving's after training per 1,000 generated tokens (the
+        machine while only serving, gate included, over the tokens the load got meanwhile)."""
+        if self.train_energy is None or self.serve_meter is None:
+            return None
+        records = self.load.requests if self.load is not None else []
+        tokens = sum(
+            r.tokens for r in records if not r.error and r.start_unix >= self.train_end_unix
+        )
+        serving = self.serve_meter.report(tokens=tokens or None)
+        return {"train": self.train_energy.to_dict(), "serving": serving.to_dict()}
 
     def serve_on(self) -> None:
         """Keep serving after the summary: ``exit_after`` seconds, or until Ctrl-C."""

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from kilnlm.actors.up_app.watch import ClientLoad, PromotionWatcher
+from kilnlm.energy import EnergyReport
 
 
 @dataclass
@@ -55,6 +56,9 @@ class UpSummary:
     ngram: dict[str, Any] | None = None
     """The best Kneser-Ney baseline on the gate's held-out tokens: order, perplexity,
     bits_per_byte (None: not computed)."""
+    energy: dict[str, Any] | None = None
+    """``train`` and ``serving`` EnergyReports (kilnlm/energy.py): kWh, CO2, source, estimated;
+    serving's per 1,000 generated tokens."""
 
     @property
     def perplexity_falling(self) -> bool:
@@ -116,11 +120,22 @@ class UpSummary:
             + f"; in flight during a swap: {self.requests_across_swaps}; by version "
             + (", ".join(f"v{v}: {n}" for v, n in sorted(self.requests_by_version.items())) or "-"),
         ]
+        lines += _energy_lines(self.energy)
         if not self.settled:
             lines.append("  note      the last checkpoints were still being validated or swapped")
         if self.training_error:
             lines.append(f"  training  FAILED: {self.training_error}")
         return "\n".join(lines)
+
+
+def _energy_lines(energy: dict[str, Any] | None) -> list[str]:
+    if not energy:
+        return []
+    return [
+        f"  energy    {what:<8}  {EnergyReport(**energy[what]).format()}"
+        for what in ("train", "serving")
+        if energy.get(what)
+    ]
 
 
 def _num(value: float | int | None, spec: str) -> str:

@@ -66,6 +66,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--http-port", type=int, help="OpenAI-compatible HTTP API port (default 8000; 0: off)"
     )
+    p.add_argument(
+        "--grid-g-per-kwh",
+        type=float,
+        help="carbon intensity of your electricity for the CO2 figures (default 475, the world's)",
+    )
     p.add_argument("--host", help="gateway address (default 127.0.0.1)")
     p.add_argument("--num-replicas", type=int, help="LLM server replicas (default 2)")
     p.add_argument("--app-name", help="Serve application name (default kiln)")
@@ -110,6 +115,10 @@ def up_config(args: argparse.Namespace, token: str | None) -> Any:  # -> UpConfi
         if getattr(args, k) is not None
     }
     load = LoadConfig() if args.load_clients is None else LoadConfig(clients=args.load_clients)
+    if args.grid_g_per_kwh is not None:
+        from kilnlm.energy import EnergyConfig
+
+        given["energy"] = EnergyConfig(grid_g_per_kwh=args.grid_g_per_kwh)
     return UpConfig(job=job_from_args(args), serve=serve_from_args(args, token), load=load, **given)
 
 
