@@ -70,7 +70,8 @@ def setup(ray_cluster, tmp_path_factory):
         )
     )
     config = ServeConfig(
-        checkpoint=str(ckpts[1]), port=0, app_name=APP, num_replicas=1, admin_token=TOKEN,
+        checkpoint=str(ckpts[1]), port=0, http_port=0, app_name=APP, num_replicas=1,
+        admin_token=TOKEN,
         health_poll_s=0.2, engine=ENGINE, replica_num_cpus=0.5,
     )  # fmt: skip
     address = serve_app.run(config)
