@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test lint bench clean posttrain
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,20 @@ setup: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/kiln up --local --exit-after 0
+
+# Post-training on the embedded defaults, chained through each command's export:
+# pretrain (kiln train) -> SFT (kiln finetune) -> reward model -> DPO, each printing its figures.
+POST := runs/posttrain
+posttrain: $(STAMP)
+	rm -rf $(POST) && mkdir -p $(POST)
+	$(BIN)/kiln train --preset test-1m --block-size 256 --max-steps 300 --checkpoint-every 300 \
+	    --corpus-max-bytes 2000000 --storage-path $(POST) --name pretrain --no-progress \
+	    --json > $(POST)/pretrain.json && cat $(POST)/pretrain.json
+	$(BIN)/kiln finetune --from "$$($(BIN)/python -c "import json; \
+	    print(json.load(open('$(POST)/pretrain.json'))['exports'][-1])")" \
+	    --out $(POST)/sft --storage-path $(POST) --no-progress
+	$(BIN)/kiln reward train --from $(POST)/sft --out $(POST)/reward --storage-path $(POST) --no-progress
+	$(BIN)/kiln dpo --from $(POST)/sft --out $(POST)/dpo --storage-path $(POST) --no-progress
 
 test: $(STAMP)
 	$(BIN)/ruff check kilnlm cluster actors tests bench protos
