@@ -226,3 +226,42 @@ def test_train_config_knows_the_post_training_objectives() -> None:
         assert TrainConfig(objective=kind).objective == kind
     with pytest.raises(ValueError, match="objective"):
         TrainConfig(objective="ppo")
+
+
+def test_prepare_reads_user_files_splits_them_and_counts_skips(tokenizer, model, tmp_path) -> None:
+    from kilnlm.checkpoint import save_pretrained
+    from kilnlm.posttrain.job import PostTrainConfig, prepare
+
+    parent = save_pretrained(model, tmp_path / "parent", tokenizer, version=3)
+    chats = [
+        {
+            "messages": [
+                {"role": "user", "content": f"q{i}"},
+                {"role": "assistant", "content": f"a{i}"},
+            ]
+        }
+        for i in range(60)
+    ]
+    long = {
+        "messages": [{"role": "user", "content": "x " * 200}, {"role": "assistant", "content": "y"}]
+    }
+    data = write(tmp_path / "chat.jsonl", [json.dumps(c) for c in [*chats, chats[0], long]])
+    cfg = PostTrainConfig(
+        objective="sft", parent=str(parent), out=str(tmp_path / "out"), data=str(data)
+    )
+    prep = prepare(cfg, seq_len=64, batch_size=4, seed=0)
+    summary = prep.data_summary
+    assert summary["skipped"] == {"duplicate": 1} and summary["skipped_too_long"] == 1
+    assert summary["train"] + summary["heldout"] == 61 and 0 < summary["heldout"] < 20
+    assert len(prep.plugin.train) == summary["train"] - 1  # the long one was in train
+    assert prep.plugin.manifest_fields()["parent_version"] == 3
+    pairs = write(
+        tmp_path / "p.jsonl",
+        [json.dumps({"prompt": f"q{i}", "chosen": "a", "rejected": "b"}) for i in range(30)],
+    )
+    cfg = PostTrainConfig(
+        objective="dpo", parent=str(parent), out=str(tmp_path / "o"), data=str(pairs)
+    )
+    prep = prepare(cfg, seq_len=64, batch_size=4, seed=0)
+    assert len(prep.plugin.train_refs) == len(prep.plugin.train) > 0
+    assert prep.plugin.loss.beta == 0.1
