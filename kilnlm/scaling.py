@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import numpy as np
 
-from kilnlm.model import ModelConfig, num_params
+from kilnlm.model import PRESETS, ModelConfig, num_params
+from kilnlm.train import TrainConfig
 
 FLOPS_PER_PARAM_TOKEN = 6
 """Training FLOPs per parameter per token (forward 2 + backward 4)."""
@@ -150,6 +152,182 @@ def predict_loss(compute: float, a: float, alpha: float) -> float:
 
 
 # --------------------------------------------------------------------------------------------
+# Memory per rank on GPUs (``kiln plan --gpus``)
+
+GPU_RESERVE = 0.10
+"""Share of each GPU the plan leaves free: CUDA context, NCCL buffers, allocator fragmentation."""
+LEVERS: dict[str, dict[str, Any]] = {
+    "none": {},
+    "meta_init": {"meta_init": True},
+    "bf16": {"precision": "bf16"},
+    "activation_checkpointing": {"activation_checkpointing": True},
+    "cpu_offload": {"cpu_offload": True},
+    "compile": {"compile": True},
+    "all": {
+        "meta_init": True,
+        "precision": "bf16",
+        "activation_checkpointing": True,
+        "cpu_offload": True,
+        "compile": True,
+    },
+}
+"""The plan's rows: every lever off, each alone, all on (TrainConfig field overrides)."""
+NO_LEVERS: dict[str, Any] = {
+    "meta_init": False,
+    "precision": "fp32",
+    "activation_checkpointing": False,
+    "cpu_offload": False,
+    "compile": False,
+}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes one rank holds on its GPU (and on its host) training with FSDP2 and AdamW.
+
+    ``compile`` is not modelled: it fuses kernels (speed); what it saves in activations depends
+    on the fusions and is left out, so its row equals the one without it.
+    """
+
+    params: float
+    """Sharded fp32 master weights (0 with CPU offload)."""
+    grads: float
+    """Sharded fp32 gradients (0 with CPU offload)."""
+    optimizer: float
+    """AdamW's two moments, fp32, sharded (0 with CPU offload)."""
+    gathered: float
+    """Unsharded working set in the compute dtype: the root unit (embedding, output) and two
+    blocks (FSDP prefetches the next), the gradients of the root and one block."""
+    activations: float
+    """Saved for backward at batch_size x seq_len, plus the loss's fp32 log-probabilities and
+    their gradient (often the largest term for a small model with a large vocabulary)."""
+    init: float
+    """On the GPU while building: the whole fp32 model without meta init, else the shard."""
+    host: float
+    """Host memory: offloaded state, or while building the whole model (meta: shard + one
+    full parameter)."""
+
+    @property
+    def step(self) -> float:
+        return self.params + self.grads + self.optimizer + self.gathered + self.activations
+
+    @property
+    def peak(self) -> float:
+        return max(self.step, self.init)
+
+
+def saved_activation_bytes(
+    cfg: ModelConfig, tokens: int, dtype_bytes: int, checkpointed: bool = False
+) -> float:
+    """Bytes autograd keeps for backward over ``tokens`` tokens in a ``dtype_bytes`` compute dtype.
+
+    Per layer and token a block saves 8·C + 2·kv + 4·H values in the compute dtype (norm
+    outputs, q/k/v before and after RoPE, attention output, the MLP's four H-wide tensors;
+    SDPA keeps no T×T matrix) and its two norms keep their input in fp32; the loss keeps fp32
+    log-probabilities (V per token). tests/test_scaling.py measures this with
+    ``saved_tensors_hooks``. With checkpointing only each block's input stays, and one block's
+    activations exist at a time, while it is recomputed.
+    """
+    C, V, H = cfg.n_embd, cfg.vocab_size, cfg.intermediate_size
+    assert H is not None and cfg.n_kv_head is not None
+    kv = cfg.n_kv_head * cfg.head_dim
+    layer = dtype_bytes * (8 * C + 2 * kv + 4 * H) + 2 * C * (4 - dtype_bytes)
+    blocks = cfg.n_layer * C * dtype_bytes + layer if checkpointed else cfg.n_layer * layer
+    return float(tokens * (blocks + 4 * V))
+
+
+def activation_bytes(cfg: ModelConfig, tokens: int, dtype_bytes: int, checkpointed: bool) -> float:
+    """The saved activations plus the loss's gradients when backward starts (fp32 and compute
+    dtype, V per token each): for a small model and a large vocabulary, often the largest term."""
+    loss_grads = tokens * (4 + dtype_bytes) * cfg.vocab_size
+    return saved_activation_bytes(cfg, tokens, dtype_bytes, checkpointed) + loss_grads
+
+
+def memory_per_rank(cfg: ModelConfig, train: TrainConfig, world: int) -> MemoryEstimate:
+    """Per-rank memory of training ``cfg`` with ``train``'s batch shape and levers on ``world``
+    GPUs (``precision`` auto means bf16 here)."""
+    n, L = num_params(cfg), cfg.n_layer
+    shard = n / world
+    p = 4 if train.precision == "fp32" else 2
+    sharded = world > 1 or train.cpu_offload
+    block = num_params(replace(cfg, n_layer=2)) - num_params(replace(cfg, n_layer=1))
+    root = n - L * block
+    if sharded:
+        gathered = float((root + 2 * block) * p + (root + block) * p)
+    else:  # one plain module: autocast keeps a bf16 copy of every weight it casts
+        gathered = float(n * p) if p < 4 else 0.0
+    on_gpu = 0.0 if train.cpu_offload else 1.0
+    largest = max(cfg.vocab_size * cfg.n_embd, cfg.n_embd * (cfg.intermediate_size or 0))
+    build_host = 4.0 * (shard + largest) if train.meta_init else 4.0 * n
+    return MemoryEstimate(
+        params=4 * shard * on_gpu,
+        grads=4 * shard * on_gpu,
+        optimizer=8 * shard * on_gpu,
+        gathered=gathered,
+        activations=activation_bytes(
+            cfg, train.batch_size * train.seq_len, p, train.activation_checkpointing
+        ),
+        init=(4 * shard * on_gpu) if train.meta_init else 4.0 * n,
+        host=max(16 * shard * (1 - on_gpu), build_host),
+    )
+
+
+def gpu_budget(gpu_bytes: float) -> float:
+    return gpu_bytes * (1 - GPU_RESERVE)
+
+
+def largest_fitting_preset(train: TrainConfig, world: int, gpu_bytes: float) -> str | None:
+    """The preset with the most parameters whose peak fits the budget (the context set to
+    ``train.seq_len``, as kiln train does), or None."""
+    fitting = [
+        (num_params(cfg), name)
+        for name, cfg in PRESETS.items()
+        if memory_per_rank(replace(cfg, block_size=train.seq_len), train, world).peak
+        <= gpu_budget(gpu_bytes)
+    ]
+    return max(fitting)[1] if fitting else None
+
+
+def memory_plan(
+    cfg: ModelConfig, batch_size: int, seq_len: int, world: int, gpu_bytes: float
+) -> list[dict[str, Any]]:
+    """One row per entry of LEVERS: the estimate, whether it fits, the largest preset that does."""
+    rows = []
+    for label, levers in LEVERS.items():
+        train = TrainConfig(batch_size=batch_size, seq_len=seq_len, **{**NO_LEVERS, **levers})
+        est = memory_per_rank(cfg, train, world)
+        rows.append(
+            {
+                "levers": label,
+                **asdict(est),
+                "step": est.step,
+                "peak": est.peak,
+                "fits": est.peak <= gpu_budget(gpu_bytes),
+                "largest_preset": largest_fitting_preset(train, world, gpu_bytes),
+            }
+        )
+    return rows
+
+
+def parse_bytes(text: str) -> float:
+    """'80GB', '80GiB', '80G' or '80' -> 80·2^30 bytes; MB, TB alike. Binary, as GPUs are
+    labelled: an "80GB" card has 80 GiB (nvidia-smi: 81559 MiB)."""
+    units = {"": 2**30, "b": 1}
+    for i, prefix in enumerate("kmgt", start=1):
+        units |= {prefix: 2 ** (10 * i), prefix + "b": 2 ** (10 * i), prefix + "ib": 2 ** (10 * i)}
+    t = text.strip().lower().replace(" ", "")
+    number = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = t[len(number) :]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in units or not value > 0:
+        raise ValueError(f"memory size {text!r} not understood; write e.g. 80GB or 80GiB")
+    return value * units[unit]
+
+
+# --------------------------------------------------------------------------------------------
 # Printing
 
 
@@ -180,11 +358,19 @@ def format_plan(plan: Plan, config: ModelConfig | None = None) -> str:
 
 
 __all__ = [
+    "LEVERS",
+    "MemoryEstimate",
     "Plan",
+    "activation_bytes",
     "compute_optimal",
     "fit_power_law",
     "format_plan",
     "human",
+    "largest_fitting_preset",
+    "memory_per_rank",
+    "memory_plan",
+    "parse_bytes",
     "predict_loss",
+    "saved_activation_bytes",
     "suggest_config",
 ]

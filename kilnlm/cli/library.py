@@ -29,13 +29,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("plan", help="compute-optimal parameters and tokens for a FLOP budget")
-    p.add_argument(
-        "--flops", type=float, required=True, help="training compute C in FLOPs, e.g. 1e18"
+    p = sub.add_parser(
+        "plan",
+        help="compute-optimal parameters and tokens for a FLOP budget (--flops), or GPU memory "
+        "per rank with and without each memory lever (--gpus)",
     )
+    p.add_argument("--flops", type=float, help="training compute C in FLOPs, e.g. 1e18")
     p.add_argument(
-        "--vocab-size", type=int, default=32000, help="vocabulary for the suggested shape"
+        "--vocab-size", type=int, help="vocabulary (default: 32000 for --flops, the preset's)"
     )
+    from kilnlm.cli.training import add_memory_plan_arguments
+
+    add_memory_plan_arguments(p)
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("eval", help="perplexity and bits per byte of a checkpoint on a text file")
@@ -80,9 +85,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from kilnlm.scaling import compute_optimal, format_plan, suggest_config
 
+    if args.gpus is not None:
+        from kilnlm.cli.training import cmd_plan_memory
+
+        return cmd_plan_memory(args)
+    if args.flops is None:
+        raise ValueError("kiln plan needs --flops (model size for a budget) or --gpus (memory)")
     plan = compute_optimal(args.flops)
     try:
-        shape = suggest_config(args.flops, args.vocab_size)
+        shape = suggest_config(args.flops, args.vocab_size or 32000)
     except ValueError as e:  # budget too small for any shape: still print the plan
         print(f"(no model shape: {e})", file=sys.stderr)
         shape = None

@@ -66,6 +66,75 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_sweep)
 
 
+def add_memory_plan_arguments(p: argparse.ArgumentParser) -> None:
+    """``kiln plan``'s GPU-memory flags (the plan command itself lives with the library's)."""
+    from kilnlm.model import ModelConfig
+
+    p.add_argument("--gpus", type=int, help="GPUs in the run (FSDP2 ranks): plan memory per rank")
+    p.add_argument("--gpu-memory", default="80GB", help="memory of one GPU: 80GB, 80GiB, 24GB")
+    p.add_argument("--preset", default="llama-1b", help="model preset (kilnlm.model.PRESETS)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch per rank")
+    p.add_argument(
+        "--seq-len", type=int, help="tokens per sequence (default: the preset's context)"
+    )
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    config.add_arguments(p, ModelConfig, skip=("vocab_size", "block_size"))
+
+
+def cmd_plan_memory(args: argparse.Namespace) -> int:
+    """Per-rank memory with every lever off, each alone and all on; the largest preset that fits."""
+    from kilnlm.model import ModelConfig, num_params
+    from kilnlm.scaling import GPU_RESERVE, memory_plan, parse_bytes
+
+    if args.gpus < 1:
+        raise ValueError(f"--gpus must be >= 1, got {args.gpus}")
+    overrides = config.overrides_from(args, ModelConfig)  # --vocab-size included, if given
+    cfg = ModelConfig.from_preset(args.preset, **overrides)
+    seq_len = args.seq_len or cfg.block_size
+    cfg = ModelConfig.from_preset(args.preset, **{**overrides, "block_size": seq_len})
+    gpu_bytes = parse_bytes(args.gpu_memory)
+    rows = memory_plan(cfg, args.batch_size, seq_len, args.gpus, gpu_bytes)
+    summary = {
+        "preset": args.preset + "".join(f" {k}={v}" for k, v in sorted(overrides.items())),
+        "params": num_params(cfg),
+        "gpus": args.gpus,
+        "gpu_memory_bytes": gpu_bytes,
+        "usable_bytes": gpu_bytes * (1 - GPU_RESERVE),
+        "batch_size": args.batch_size,
+        "seq_len": seq_len,
+        "rows": rows,
+    }
+    if args.json:
+        json.dump(summary, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(format_memory_plan(summary))
+    return 0
+
+
+def format_memory_plan(summary: dict[str, Any]) -> str:
+    """The table ``kiln plan --gpus`` prints, in GiB per rank."""
+    from kilnlm.scaling import human
+
+    gib = 2**30
+    head = (
+        f"{summary['preset']} ({human(summary['params'])} parameters) on {summary['gpus']} GPUs of "
+        f"{summary['gpu_memory_bytes'] / gib:.1f} GiB ({summary['usable_bytes'] / gib:.1f} usable), "
+        f"batch {summary['batch_size']} x {summary['seq_len']} tokens per rank; GiB per rank:"
+    )
+    cols = ["params", "grads", "optimizer", "gathered", "activations", "init", "peak", "host"]
+    lines = [head, f"{'levers':<25}" + "".join(f"{c:>12}" for c in cols) + "  fits  largest"]
+    for r in summary["rows"]:
+        cells = "".join(f"{r[c] / gib:>12.2f}" for c in cols)
+        fits = "yes" if r["fits"] else "no"
+        lines.append(f"{r['levers']:<25}{cells}  {fits:<4}  {r['largest_preset'] or '-'}")
+    lines.append(
+        "peak = max(init, params + grads + optimizer + gathered + activations); compile is not "
+        "modelled (a speed lever); 'largest' = the biggest preset whose peak fits."
+    )
+    return "\n".join(lines)
+
+
 def job_from_args(args: argparse.Namespace, default: Callable[[], Any] | None = None) -> Any:
     """The --config file's JobConfig (else ``default()``, else JobConfig's own defaults) with the
     command line's flags applied, each config re-validated. Returns a JobConfig; its imports stay
