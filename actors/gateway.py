@@ -309,6 +309,8 @@ def _(obj: GenerationChunk, cls: type | None = None) -> pb_message.Message:
         token_ids=obj.token_ids,
         logprobs=[to_proto(lp) for lp in obj.logprobs],
     )
+    if isinstance(out, generation_pb2.GenerateStreamResponse):
+        out.model_version = obj.model_version
     if obj.finish is not None:
         out.finish.CopyFrom(to_proto(obj.finish))
     return out

@@ -65,6 +65,8 @@ class Delta:
     token_ids: list[int]
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     finish: Finish | None = None
+    model_version: int = 0
+    """The version whose weights produced these tokens (every message of a stream names it)."""
 
 
 @dataclass
@@ -125,8 +127,9 @@ def from_proto(msg: Any) -> Any:
     if isinstance(msg, (pb.GenerateStreamResponse, pb.GenerateResponse)):
         finish = from_proto(msg.finish) if msg.HasField("finish") else None
         logprobs = [_logprob(lp) for lp in msg.logprobs]
-        cls = Completion if isinstance(msg, pb.GenerateResponse) else Delta
-        return cls(text=msg.text, token_ids=list(msg.token_ids), logprobs=logprobs, finish=finish)
+        if isinstance(msg, pb.GenerateResponse):
+            return Completion(msg.text, list(msg.token_ids), logprobs, finish)
+        return Delta(msg.text, list(msg.token_ids), logprobs, finish, msg.model_version)
     if isinstance(msg, pb.ScoreResponse):
         return Score(
             token_ids=list(msg.token_ids),

@@ -68,3 +68,20 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, period: flo
             return True
         time.sleep(period)
     return predicate()
+
+
+def replica_pids(app: str) -> list[int]:
+    """The LLMServer replica processes of Serve application ``app``, found by the title Ray
+    gives an actor's worker process (no Ray API needed: the dashboard may be off)."""
+    import os
+
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                title = f.read().decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+        if f"ServeReplica:{app}:LLMServer" in title:
+            pids.append(int(entry))
+    return pids

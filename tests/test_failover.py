@@ -12,7 +12,7 @@ import signal
 import time
 
 import pytest
-from serving_utils import make_checkpoint, wait_until
+from serving_utils import make_checkpoint, replica_pids, wait_until
 
 from kilnlm import checkpoint
 from kilnlm.client import Client
@@ -47,20 +47,6 @@ def address(ray_cluster, ckpt):
     serve.delete(APP)
 
 
-def replica_pids() -> list[int]:
-    """The replica processes, by the title Ray gives an actor's worker process."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                title = f.read().decode(errors="replace")
-        except (OSError, ValueError):
-            continue
-        if f"ServeReplica:{APP}:LLMServer" in title:
-            pids.append(int(entry))
-    return pids
-
-
 def cpu_s(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -81,8 +67,8 @@ def reference(ckpt) -> list[int]:
 
 def test_sigkilled_replica_mid_stream_the_client_sees_one_unbroken_stream(address, ckpt):
     expected = reference(ckpt)
-    assert wait_until(lambda: len(replica_pids()) == 2, timeout=60)
-    pids = replica_pids()
+    assert wait_until(lambda: len(replica_pids(APP)) == 2, timeout=60)
+    pids = replica_pids(APP)
     with Client(address, timeout=120) as client:
         stream = client.generate_stream("The kiln", temperature=0, max_tokens=N_TOKENS)
         deltas = [next(stream)]
@@ -102,3 +88,4 @@ def test_sigkilled_replica_mid_stream_the_client_sees_one_unbroken_stream(addres
     finish = deltas[-1].finish
     assert finish.finish_reason == "length" and finish.completion_tokens == N_TOKENS
     assert finish.model_version == 1
+    assert {d.model_version for d in deltas if d.token_ids} == {1}  # every message names it

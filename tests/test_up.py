@@ -3,7 +3,8 @@
 One end-to-end run of ``kilnlm.actors.up_app.run_up`` with tiny settings (test-1m, 24 steps, a
 checkpoint every 8) inside the session's Ray: the trainer's hook registers each export, the
 orchestrator validates and auto-promotes it into 2 empty replicas, the watcher asks each new
-version for a greedy generation through gRPC, and background streams run throughout. The
+version for a greedy generation through gRPC, and background streams run throughout; one
+replica is SIGKILLed after the first promotion. The
 assertions are the main job's promises: at least two promotions, perplexity falling across
 them, zero failed requests, a complete summary, and nothing left deployed afterwards.
 
@@ -14,10 +15,15 @@ The other tests check the `kiln up --cluster` side without a cluster: the flags 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from serving_utils import replica_pids
 
 from kilnlm.cli import build_parser
 from kilnlm.cluster.config import ClusterConfig, JobConfig
@@ -65,7 +71,31 @@ def summary(ray_cluster, tiny_corpus, tmp_path_factory):
         exit_after=0,
     )
     lines: list[str] = []
-    return run_up(config, say=lines.append), lines
+    # A replica is SIGKILLed after the first promotion, while the background clients stream:
+    # the run must still end with 0 failed requests (the gateway resends the streams it
+    # carried; Serve replaces it on the promoted version).
+    promoted = threading.Event()
+
+    def say(line: str) -> None:
+        lines.append(line)
+        if line.startswith("── version"):
+            promoted.set()
+
+    killer = threading.Thread(target=kill_a_replica_after, args=(promoted,), daemon=True)
+    killer.start()
+    return run_up(config, say=say), lines
+
+
+KILLED: list[int] = []
+
+
+def kill_a_replica_after(promoted: threading.Event) -> None:
+    if promoted.wait(timeout=600):
+        time.sleep(0.5)  # let the clients' next streams start on both replicas
+        pids = replica_pids(APP)
+        if pids:
+            os.kill(pids[0], signal.SIGKILL)
+            KILLED.append(pids[0])
 
 
 @pytest.mark.ray
@@ -77,6 +107,7 @@ def test_up_promotes_every_improving_checkpoint_and_fails_no_request(summary) ->
     assert [r.step for r in result.versions] == list(range(EVERY, STEPS + 1, EVERY))
     assert len(result.promoted) >= 2
     assert result.perplexity_falling
+    assert KILLED, "no replica was killed mid-run: the failover drill did not happen"
     assert result.requests_failed == 0, result.failures
     assert result.requests_served > 0
     assert set(result.requests_by_version) <= set(result.promoted)
