@@ -351,6 +351,30 @@ def test_job_file_tables_override_the_job_defaults_and_flags_override_the_file(
         load_job(path)
 
 
+@pytest.mark.parametrize("command", ["train", "up"])
+def test_memory_lever_flags_reach_the_job(command: str) -> None:
+    """kiln train and kiln up take the levers as flags through the one job_from_args."""
+    from kilnlm.cli import build_parser, training, up
+
+    job_from_args = up.job_from_args if command == "up" else training.job_from_args
+    assert job_from_args(build_parser().parse_args([command])).train.meta_init  # on by default
+    levers = [
+        "--no-meta-init",
+        "--precision",
+        "bf16",
+        "--reduce-dtype",
+        "bf16",
+        "--activation-checkpointing",
+        "--compile",
+        "--cpu-offload",
+    ]
+    train = job_from_args(build_parser().parse_args([command, *levers])).train
+    assert (train.meta_init, train.precision, train.reduce_dtype) == (False, "bf16", "bf16")
+    assert train.activation_checkpointing and train.compile and train.cpu_offload
+    with pytest.raises(ValueError, match="reduce_dtype"):
+        TrainConfig(reduce_dtype="fp16")  # type: ignore[arg-type]
+
+
 def test_the_model_context_is_the_trained_sequence_length_unless_set() -> None:
     """A preset's longer block_size would let the gate and the server use untrained positions."""
     job = JobConfig(preset="tiny-3m", train=TrainConfig(seq_len=96, warmup_steps=1, max_steps=2))
