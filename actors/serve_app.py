@@ -60,7 +60,11 @@ def build_app(config: ServeConfig) -> serve.Application:
         return gateway
     from kilnlm.actors.openai_api import OpenAIServer
 
-    return OpenAIServer.options(**front).bind(llm, gateway, config)
+    # Not pinned with gateway_resources: Serve's HTTP proxy (HeadOnly) is what listens on the
+    # head; the ingress replica may run anywhere, and the head's one kiln_gateway unit is the
+    # gRPC gateway's.
+    ingress = {"ray_actor_options": {"num_cpus": config.gateway_num_cpus}}
+    return OpenAIServer.options(**ingress).bind(llm, gateway, config)
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

@@ -226,3 +226,26 @@ def test_the_orchestrator_registers_and_promotes_it(hf_dir, tmp_path, reference)
 
     assert asyncio.run(body()) == reference["completion"]
     assert checkpoint.verify_manifest(fresh).fields["source"] == "huggingface"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_replica_that_cannot_load_is_one_line_from_run(ray_cluster, tmp_path):
+    """Past the CLI's own check (another node, a race): Serve's error names only the failed
+    deployment; run() says the replica's own reason in one line."""
+    from ray import serve
+
+    from kilnlm.actors import serve_app
+
+    (tmp_path / "config.json").write_text(json.dumps({"kilnlm": {}}))  # ours, no manifest
+    config = ServeConfig(
+        checkpoint=str(tmp_path), port=0, http_port=0, app_name="kiln-test-bad", engine=ENGINE
+    )
+    try:
+        with pytest.raises(serve_app.DeployError) as e:
+            serve_app.run(config)
+    finally:
+        serve.delete("kiln-test-bad")
+    message = str(e.value)
+    assert "IncompleteCheckpointError" in message and "manifest" in message
+    assert len(message.splitlines()) == 1

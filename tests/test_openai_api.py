@@ -241,29 +241,29 @@ SERIES = [
 
 
 def test_vllm_named_series_reach_rays_metrics_endpoint(client):
-    """Scraped from Ray's own Prometheus endpoint (Ray adds its ``ray_`` prefix)."""
+    """Scraped from Ray's own Prometheus endpoint (Ray adds its ``ray_`` prefix), each series
+    with this app's ``model_name`` (other modules' replicas leave theirs in the same agent)."""
     import ray
     from serving_utils import wait_until
 
     client.completions.create(model=MODEL, prompt="The kiln", max_tokens=4, temperature=0)
     port = ray._private.worker.global_worker.node.metrics_export_port
-    scraped = {"text": ""}
+    ours: dict[str, list[str]] = {}
 
     def all_there() -> bool:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-            scraped["text"] = r.read().decode()
-        return all(f"ray_{name}" in scraped["text"] for name in SERIES)
+            lines = r.read().decode().splitlines()
+        ours.clear()
+        for name in SERIES:
+            ours[name] = [
+                ln for ln in lines
+                if ln.startswith(f"ray_{name}{{") and f'model_name="{MODEL}"' in ln
+            ]  # fmt: skip
+        success = ours["kiln_request_success_total"]
+        return all(ours.values()) and any('finished_reason="length"' in ln for ln in success)
 
-    assert wait_until(all_there, timeout=120, period=2), [
-        name for name in SERIES if f"ray_{name}" not in scraped["text"]
-    ]
-    lines = scraped["text"].splitlines()
-    success = [ln for ln in lines if ln.startswith("ray_kiln_request_success_total{")]
-    assert any('finished_reason="length"' in ln and f'model_name="{MODEL}"' in ln for ln in success)
-    (version,) = [
-        ln for ln in lines
-        if ln.startswith("ray_kiln_model_version{") and f'model_name="{MODEL}"' in ln
-    ]  # fmt: skip
+    assert wait_until(all_there, timeout=120, period=2), [n for n, v in ours.items() if not v]
+    (version,) = ours["kiln_model_version"]
     assert float(version.rsplit(" ", 1)[1]) == 1.0
 
 
@@ -274,3 +274,20 @@ def test_grafana_dashboard_graphs_every_series():
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
     for name in SERIES:
         assert f"ray_{name.removesuffix('_bucket')}" in exprs, name
+
+
+def test_http_ingress_is_the_app_root_and_leaves_the_gateway_pin_alone():
+    """Serve's own build (no cluster): with http_port the ingress is the root; it does not ask
+    for the head's one kiln_gateway unit, which the gRPC gateway holds."""
+    from ray.serve._private.build_app import build_app
+
+    from kilnlm.actors import serve_app
+
+    pinned = {"kiln_gateway": 1.0}
+    on = build_app(serve_app.build_app(ServeConfig(gateway_resources=pinned)), name="a")
+    options = {d.name: d.ray_actor_options for d in on.deployments}
+    assert on.deployments[-1].name == "OpenAIServer"  # the ingress, built last
+    assert options["Gateway"]["resources"] == pinned
+    assert not options["OpenAIServer"].get("resources")
+    off = build_app(serve_app.build_app(ServeConfig(http_port=0)), name="b")
+    assert "OpenAIServer" not in {d.name for d in off.deployments}
