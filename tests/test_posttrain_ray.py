@@ -101,6 +101,7 @@ class Runs:
     killed: RunResult
     reference: dict[int, float]
     """Loss per step (1-based) of the uninterrupted reference."""
+    spec: Any
 
 
 def run_both(kind: str, parent: str, storage: Path, workers: int) -> Runs:
@@ -114,8 +115,8 @@ def run_both(kind: str, parent: str, storage: Path, workers: int) -> Runs:
     )
     spec, _ = posttrain_spec(cfg, train, cc)
     if workers > 1:
-        return Runs(summary, killed, losses(launch_spec(spec)))
-    return Runs(summary, killed, in_process_losses(spec, KILL + 2))
+        return Runs(summary, killed, losses(launch_spec(spec)), spec)
+    return Runs(summary, killed, in_process_losses(spec, KILL + 2), spec)
 
 
 def in_process_losses(spec: Any, steps: int) -> dict[int, float]:
@@ -182,6 +183,26 @@ def check_export(runs: Runs, kind: str, parent: str) -> dict[str, Any]:
 def test_sft_resumes_bit_exactly_after_a_worker_kill(sft: Runs, parent: str) -> None:
     check_resumed_bit_exactly(sft)
     check_export(sft, "sft", parent)
+
+
+def test_sft_workers_train_on_assistant_tokens_only(sft: Runs, parent: str) -> None:
+    """Step 1 on the two FSDP2 workers reports the mean over ranks of each rank's loss at the
+    parent's weights: it equals the assistant-token loss computed here, not the all-token one."""
+    from kilnlm.checkpoint import load
+    from kilnlm.train import IGNORE_INDEX, TOKEN_LOSS
+
+    model, plugin = load(parent), sft.spec.posttrain
+    masked, unmasked = [], []
+    with torch.no_grad():
+        for rank in range(2):
+            x, y = plugin.batch(0, rank, 2)
+            masked.append(TOKEN_LOSS.loss_sum(model, (x, y)) / TOKEN_LOSS.count((x, y)))
+            full = torch.where(x[:, 1:] != plugin.pad_id, x[:, 1:], IGNORE_INDEX)
+            y_all = torch.cat([full, y[:, -1:]], dim=1)  # every next token, pads excepted
+            unmasked.append(TOKEN_LOSS.loss_sum(model, (x, y_all)) / TOKEN_LOSS.count((x, y_all)))
+    step1 = sft.reference[1]
+    assert step1 == pytest.approx(float(sum(masked) / 2), abs=1e-4)
+    assert abs(step1 - float(sum(unmasked) / 2)) > 0.05
 
 
 def test_sft_lowers_the_heldout_assistant_loss_and_answers_stop(sft: Runs) -> None:
