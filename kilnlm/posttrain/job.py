@@ -145,6 +145,7 @@ def prepare(cfg: PostTrainConfig, seq_len: int, batch_size: int, seed: int) -> P
     else:
         prepared = _pair_plugin(cfg, tokenizer, seq_len, common, skipped)
     prepared.data_summary["skipped_too_long"] = skipped.get("too_long", 0)
+    prepared.data_summary["heldout_skipped_too_long"] = skipped.get("heldout_too_long", 0)
     return prepared
 
 
@@ -157,8 +158,9 @@ def _sft_plugin(
     plugin = SFTPlugin(
         **common,
         train=encode_all(tok, train, seq_len, skipped),
-        heldout_examples=encode_all(tok, held, seq_len, {}),
+        heldout_examples=encode_all(tok, held, seq_len, held_skips := {}),
     )
+    skipped["heldout_too_long"] = held_skips.get("too_long", 0)
     _require(plugin.train, "conversations", cfg)
     return Prepared(plugin, tok, summary, heldout_chats=held)
 
@@ -170,7 +172,8 @@ def _pair_plugin(
 
     train, held, summary = load_pairs(cfg)
     train_ex = encode_pairs(tok, train, seq_len, skipped)
-    held_ex = encode_pairs(tok, held, seq_len, {})
+    held_ex = encode_pairs(tok, held, seq_len, held_skips := {})
+    skipped["heldout_too_long"] = held_skips.get("too_long", 0)
     _require(train_ex, "preference pairs", cfg)
     if cfg.objective == "reward":
         plugin = RewardPlugin(
