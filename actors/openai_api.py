@@ -230,9 +230,10 @@ class OpenAIService:
                     yield _sse({**head, "choices": [], "usage": usage(ordered, parsed.n)})
         yield "data: [DONE]\n\n"
 
-    async def models(self) -> dict[str, Any]:
+    async def models(self) -> JSONResponse:
         info = await self.backend.info()
-        return {"object": "list", "data": [self._model_card(info)]}
+        body = {"object": "list", "data": [self._model_card(info)]}
+        return JSONResponse(body, headers={VERSION_HEADER: str(info.version)})
 
     def _model_card(self, info: Any) -> dict[str, Any]:
         return {
@@ -245,13 +246,14 @@ class OpenAIService:
             "model_version": info.version,
         }
 
-    async def model(self, model_id: str) -> dict[str, Any]:
+    async def model(self, model_id: str) -> JSONResponse:
         if model_id != self.model_id:
             raise OpenAIError(
                 404, f"The model `{model_id}` does not exist", "not_found_error", "model",
                 "model_not_found",
             )  # fmt: skip
-        return self._model_card(await self.backend.info())
+        info = await self.backend.info()
+        return JSONResponse(self._model_card(info), headers={VERSION_HEADER: str(info.version)})
 
     async def health(self) -> JSONResponse:
         try:
@@ -303,12 +305,12 @@ class OpenAIServer:
         return await self.service.complete(await _json(request), chat=True)
 
     @app.get("/v1/models")
-    async def list_models(self, request: Request) -> dict[str, Any]:
+    async def list_models(self, request: Request) -> JSONResponse:
         self.service.check_key(request.headers.get("authorization"))
         return await self.service.models()
 
     @app.get("/v1/models/{model_id:path}")
-    async def get_model(self, model_id: str, request: Request) -> dict[str, Any]:
+    async def get_model(self, model_id: str, request: Request) -> JSONResponse:
         self.service.check_key(request.headers.get("authorization"))
         return await self.service.model(model_id)
 

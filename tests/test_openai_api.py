@@ -83,9 +83,12 @@ def _raw(deployed, path: str, body: dict | None = None, key: str | None = KEY):
 
 
 def test_models_lists_the_id_clients_pass(client):
-    models = client.models.list()
+    raw = client.models.with_raw_response.list()
+    models = raw.parse()
     assert [m.id for m in models.data] == [MODEL]
     assert models.data[0].model_extra["model_version"] == 1
+    assert raw.headers["x-kiln-model-version"] == "1"
+    assert client.models.retrieve(MODEL).id == MODEL
 
 
 def test_health_names_the_version(deployed):
