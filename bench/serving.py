@@ -105,6 +105,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--new-tokens", type=int, default=64)
     g.add_argument("--prompt", type=int, nargs=2, default=[16, 128], metavar=("MIN", "MAX"))
     g.add_argument("--skip-gateway", action="store_true", help="no Ray: in-process paths only")
+    g.add_argument(
+        "--stream-interval",
+        type=float,
+        nargs="+",
+        default=None,
+        help="ServeConfig.stream_interval_s of the replicas; several values deploy one "
+        "application each, side by side (default: ServeConfig's)",
+    )
+    g.add_argument("--stream-max-tokens", type=int, default=None, help="ServeConfig's likewise")
     g.add_argument("--skip-hf-batch", action="store_true", help="skip generate_batch")
     g = p.add_argument_group("2-3. Poisson arrivals")
     g.add_argument("--poisson-requests", type=int, default=24)
@@ -172,6 +181,8 @@ class Run:
     outputs: list[list[int]]
     cpu_s: dict[str, float] = field(default_factory=dict)
     """CPU seconds each process spent during the run (where the time goes)."""
+    ttft_s: list[float] = field(default_factory=list)
+    """Per stream: seconds from the run's start to its first delta (streaming paths only)."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -189,20 +200,25 @@ def cpu_seconds(pid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def timed(fn: Callable[[], tuple[list[list[int]], float]], pids: dict[str, int]) -> Run:
-    """Run fn (returns outputs and seconds) and charge the CPU time of the named processes."""
+def timed(fn: Callable[[], tuple[Any, ...]], pids: dict[str, int]) -> Run:
+    """Run fn (returns outputs, seconds and maybe first-delta times) and charge the CPU time of
+    the named processes."""
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     before["bench (client / in-process)"] = cpu_seconds()
-    outputs, seconds = fn()
+    outputs, seconds, *ttft = fn()
     cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
     cpu["bench (client / in-process)"] = cpu_seconds() - before["bench (client / in-process)"]
-    return Run(sum(map(len, outputs)), seconds, outputs, cpu)
+    return Run(sum(map(len, outputs)), seconds, outputs, cpu, ttft[0] if ttft else [])
 
 
-async def _grpc_streams(address: str, prompts: list[str], ns: list[int]) -> tuple[list, float]:
+async def _grpc_streams(address: str, prompts: list[str], ns: list[int]) -> tuple:
+    firsts: list[float] = []
+
     async def one(client: AsyncClient, prompt: str, n: int) -> list[int]:
         ids: list[int] = []
         async for delta in client.generate_stream(prompt, temperature=0, max_tokens=n):
+            if not ids:
+                firsts.append(time.perf_counter() - start)
             ids += delta.token_ids
         return ids
 
@@ -211,13 +227,17 @@ async def _grpc_streams(address: str, prompts: list[str], ns: list[int]) -> tupl
         outputs = await asyncio.gather(
             *(one(client, p, n) for p, n in zip(prompts, ns, strict=True))
         )
-        return list(outputs), time.perf_counter() - start
+        return list(outputs), time.perf_counter() - start, firsts
 
 
 async def _engine_streams(engine: AsyncLLMEngine, prompts: list[list[int]], ns: list[int]) -> tuple:
+    firsts: list[float] = []
+
     async def one(i: int, prompt: list[int], n: int) -> list[int]:
         ids: list[int] = []
         async for out in engine.generate(f"r{i}-{time.monotonic_ns()}", prompt, greedy(n)):
+            if not ids:
+                firsts.append(time.perf_counter() - start)
             ids += out.token_ids
         return ids
 
@@ -225,7 +245,7 @@ async def _engine_streams(engine: AsyncLLMEngine, prompts: list[list[int]], ns: 
     outputs = await asyncio.gather(
         *(one(i, p, n) for i, (p, n) in enumerate(zip(prompts, ns, strict=True)))
     )
-    return list(outputs), time.perf_counter() - start
+    return list(outputs), time.perf_counter() - start, firsts
 
 
 @torch.inference_mode()
@@ -293,19 +313,32 @@ def deploy(args: argparse.Namespace, setup: Setup) -> dict[str, App]:
     from kilnlm.serving_config import ServeConfig
 
     apps = {}
+    intervals = args.stream_interval or [None]
     for name in args.kernels:
-        config = ServeConfig(
-            checkpoint=str(setup.path),
-            port=0,
-            http_port=0,
-            app_name=f"bench-serving-{name}",
-            num_replicas=1,
-            torch_threads=args.threads,
-            engine=engine_config(args, batch_invariant=KERNELS[name]),
-        )
-        address = serve_app.run(config)
-        apps[name] = App(address, serve_pids(config.app_name))
+        for interval in intervals:
+            label = name if len(intervals) == 1 else f"{name}, stream {interval * 1000:.0f} ms"
+            config = ServeConfig(
+                checkpoint=str(setup.path),
+                port=0,
+                http_port=0,
+                app_name=f"bench-serving-{label.replace(', stream ', '-').replace(' ', '')}",
+                num_replicas=1,
+                torch_threads=args.threads,
+                engine=engine_config(args, batch_invariant=KERNELS[name]),
+                **stream_options(args, interval),
+            )
+            address = serve_app.run(config)
+            apps[label] = App(address, serve_pids(config.app_name))
     return apps
+
+
+def stream_options(args: argparse.Namespace, interval: float | None) -> dict[str, Any]:
+    """The replicas' stream coalescing, where the command line sets it."""
+    options = {
+        "stream_interval_s": interval,
+        "stream_max_tokens": args.stream_max_tokens,
+    }
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def serve_pids(app_name: str) -> dict[str, int]:
@@ -399,6 +432,10 @@ def summarize_throughput(runs: dict[str, list[Run]], ns: list[int]) -> dict:
                 for proc in rs[0].cpu_s
             },
         }
+        ttft = sorted(t for r in rs for t in r.ttft_s)
+        if ttft:  # streaming paths: when each stream's first delta arrived, from the burst
+            table[name]["ttft_s_p50"] = ttft[len(ttft) // 2]
+            table[name]["ttft_s_p99"] = ttft[min(len(ttft) - 1, round(0.99 * (len(ttft) - 1)))]
     return table
 
 
@@ -643,26 +680,32 @@ def print_throughput(res: dict, args: argparse.Namespace) -> None:
     for workload, title in titles.items():
         table = res[workload]
         print(f"\n1{workload[0]}. {args.streams} concurrent greedy requests, {title}")
-        print(f"{'path':<30} | tok/s median |   min-max | same as HF | CPU s per 1k tokens")
+        print(
+            f"{'path':<44} | tok/s median |   min-max | same as HF | TTFT p50/p99 s | "
+            "CPU s per 1k tokens"
+        )
         for name, row in table.items():
             spread = f"{row['tokens_per_s_min']:.0f}-{row['tokens_per_s_max']:.0f}"
             cpu = ", ".join(
                 f"{p.split()[0]} {s:.2f}" for p, s in row["cpu_s_per_1k_tokens"].items()
             )
             short = "" if row["every_request_got_its_tokens"] else " (a request got fewer tokens!)"
+            ttft = (
+                f"{row['ttft_s_p50']:.3f}/{row['ttft_s_p99']:.3f}" if "ttft_s_p50" in row else "-"
+            )
             print(
-                f"{name:<30} | {row['tokens_per_s_median']:>12.0f} | {spread:>9} | "
-                f"{row['same_tokens_as_hf_generate']:>10} | {cpu}{short}"
+                f"{name:<44} | {row['tokens_per_s_median']:>12.0f} | {spread:>9} | "
+                f"{row['same_tokens_as_hf_generate']:>10} | {ttft:>14} | {cpu}{short}"
             )
         for k in args.kernels:
-            grpc, local = f"gRPC via Serve, {k}", f"engine in-process, {k}"
-            line = f"  {k} kernels: in-process / HF generate = {ratio(table, local, HF):.2f}x"
-            if grpc in table:
-                line += (
-                    f"; gRPC / HF generate = {ratio(table, grpc, HF):.2f}x (goal >= 2); "
-                    f"gRPC / in-process = {ratio(table, grpc, local):.2f} (goal >= 0.85)"
+            local = f"engine in-process, {k}"
+            print(f"  {k} kernels: in-process / HF generate = {ratio(table, local, HF):.2f}x")
+            for grpc in (n for n in table if n.startswith(f"gRPC via Serve, {k}")):
+                print(
+                    f"    {grpc.removeprefix('gRPC via Serve, ')}: gRPC / HF generate = "
+                    f"{ratio(table, grpc, HF):.2f}x (goal >= 2); gRPC / in-process = "
+                    f"{ratio(table, grpc, local):.2f} (goal >= 0.85)"
                 )
-            print(line)
 
 
 def print_batching(res: dict, args: argparse.Namespace) -> None:

@@ -76,11 +76,14 @@ class ServeConfig:
     """How often the gateway asks a replica whether a model is loaded (grpc.health.v1 status)."""
     max_score_bytes: int = 1 << 20
     """The longest text Score accepts, in UTF-8 bytes."""
-    stream_interval_s: float = 0.05
+    stream_interval_s: float = 0.25
     """A stream's first delta leaves the replica at once; after it, deltas are held at most this
     long and sent as one message (``kilnlm.actors.streaming``). Every message costs ~1 ms of CPU
     in Ray's streaming and in the gateway, so one per token caps the path near 1k tokens/s; 0
-    sends one message per engine step (merged only when the gateway lags)."""
+    sends one message per engine step (merged only when the gateway lags). 250 ms, because on
+    a CPU a batch step of 32 streams takes ~50 ms, so Ray Serve LLM's 50 ms merges nothing
+    (docs/benchmarks.md: 0.50 -> 0.74 of the in-process engine's tokens/s, TTFT unchanged);
+    a client sees its tokens in bursts of at most 250 ms or ``stream_max_tokens``."""
     stream_max_tokens: int = 16
     """Send held deltas as soon as this many tokens are pending (0: only the interval counts)."""
     failover_max_resends: int = 5
