@@ -210,6 +210,9 @@ def status_pb(st: OrchestratorStatus) -> Any:
                 staged_version=r.staged_version or 0,
                 last_seen_seconds=r.last_seen_s,
                 swap_mode=r.swap_mode,
+                energy_joules=r.energy_joules,
+                energy_source=r.energy_source,
+                generated_tokens=r.generated_tokens,
             )
             for r in st.replicas
         ],

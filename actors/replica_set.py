@@ -61,6 +61,9 @@ class ReplicaView:
     waiting: int = 0
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
+    energy_joules: float = 0.0
+    energy_source: str = ""
+    generated_tokens: int = 0
 
 
 def _actor_exists(name: str, namespace: str | None) -> bool:
@@ -204,6 +207,9 @@ class ReplicaSet:
             waiting=hb.waiting if hb else 0,
             kv_blocks_used=hb.blocks_used if hb else 0,
             kv_blocks_total=hb.blocks_total if hb else 0,
+            energy_joules=hb.energy_joules if hb else 0.0,
+            energy_source=hb.energy_source if hb else "",
+            generated_tokens=hb.generated_tokens if hb else 0,
         )
 
     def views(self) -> list[ReplicaView]:

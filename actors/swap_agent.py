@@ -35,6 +35,7 @@ from typing import Any, Literal, Protocol
 
 from kilnlm.actors.serving_model import ServingModel
 from kilnlm.checkpoint import CheckpointError
+from kilnlm.energy import EnergyMeter
 from kilnlm.hotswap import FailureKind
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,10 @@ class Heartbeat:
     waiting: int
     blocks_used: int
     blocks_total: int
+    energy_joules: float = 0.0
+    """This replica process's energy since it started (kilnlm/energy.py), for ``kiln status``."""
+    energy_source: str = ""
+    generated_tokens: int = 0
 
 
 class UnknownReplica(RuntimeError):
@@ -205,6 +210,7 @@ class SwapAgent:
         retry_s: float = 2.0,
     ) -> None:
         self.model, self.link, self.replica_id = model, link, replica_id
+        self.energy = EnergyMeter("process")  # the replica's process: its own tokens' energy
         self.actor_name, self.namespace = actor_name, namespace
         self.retry_s = retry_s
         self.poll_timeout_s = 2.0
@@ -360,6 +366,9 @@ class SwapAgent:
             waiting=info.waiting,
             blocks_used=info.blocks_used,
             blocks_total=info.blocks_total,
+            energy_joules=self.energy.read(),
+            energy_source=self.energy.source,
+            generated_tokens=info.generated_tokens,
         )
 
     # ---- commands --------------------------------------------------------------------------

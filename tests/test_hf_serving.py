@@ -194,9 +194,11 @@ def test_the_orchestrator_registers_and_promotes_it(hf_dir, tmp_path, reference)
     """register computes the manifest; the gate and the hot-swap serve the directory."""
     import shutil
 
+    from kilnlm.actors.admin import status_pb
     from kilnlm.actors.orchestrator import Orchestrator, OrchestratorConfig
     from kilnlm.actors.serving_model import ServingModel
     from kilnlm.actors.swap_agent import DirectLink, SwapAgent
+    from kilnlm.cli.admin import format_status
 
     fresh = tmp_path / "llama"
     shutil.copytree(hf_dir, fresh, ignore=shutil.ignore_patterns("manifest.json"))
@@ -207,7 +209,7 @@ def test_the_orchestrator_registers_and_promotes_it(hf_dir, tmp_path, reference)
         stage_timeout_s=60.0, commit_timeout_s=30.0, check_serve=False,
     )  # fmt: skip
 
-    async def body() -> list[int]:
+    async def body() -> tuple[list[int], str]:
         orchestrator = Orchestrator(cfg)
         model = ServingModel(ServeConfig(http_port=0, engine=ENGINE))
         agent = SwapAgent(model, DirectLink(orchestrator), "r0")
@@ -219,13 +221,23 @@ def test_the_orchestrator_registers_and_promotes_it(hf_dir, tmp_path, reference)
                 request_id="r", params=SamplingParams(temperature=0, max_tokens=N_NEW),
                 prompt=PROMPT,
             )  # fmt: skip
-            return merge_chunks([c async for c in model.generate(request)]).token_ids
+            tokens = merge_chunks([c async for c in model.generate(request)]).token_ids
+            # kiln status: the replica's heartbeat carries its energy and generated tokens
+            for _ in range(400):
+                (replica,) = (await orchestrator.status()).replicas
+                if replica.generated_tokens >= N_NEW and replica.energy_joules > 0:
+                    break
+                await asyncio.sleep(0.05)
+            return tokens, format_status(status_pb(await orchestrator.status()))
         finally:
             await agent.stop()
             model.shutdown()
 
-    assert asyncio.run(body()) == reference["completion"]
+    tokens, status = asyncio.run(body())
+    assert tokens == reference["completion"]
     assert checkpoint.verify_manifest(fresh).fields["source"] == "huggingface"
+    (energy,) = [line for line in status.splitlines() if line.startswith("energy: replicas")]
+    assert "Wh per 1,000 generated tokens" in energy and "g CO2" in energy
 
 
 @pytest.mark.ray

@@ -170,12 +170,28 @@ def format_status(st: Any) -> str:
             f"  {r.replica_id:<28} v{r.version:<4} running {r.running:<3} waiting {r.waiting:<3} "
             f"kv {r.kv_blocks_used}/{r.kv_blocks_total} blocks  {r.swap_mode}{staged}"
         )
+    lines += _energy_lines(st.replicas)
     lines.append(f"\ncheckpoints ({len(st.checkpoints)}):")
     lines += [_checkpoint_line(c) for c in st.checkpoints]
     if st.swaps:
         lines.append("\nrecent swaps:")
         lines += [_swap_line(s) for s in st.swaps[-10:]]
     return "\n".join(lines)
+
+
+def _energy_lines(replicas: Any) -> list[str]:
+    """The replicas' energy since they started, with CO2 at the default grid intensity and per
+    1,000 generated tokens; labelled an estimate where it is one (kilnlm/energy.py)."""
+    from kilnlm.energy import EnergyConfig, report
+
+    metered = [r for r in replicas if r.energy_source]
+    if not metered:
+        return []
+    sources = sorted({r.energy_source for r in metered})
+    tokens = sum(r.generated_tokens for r in metered)
+    total = report(sum(r.energy_joules for r in metered), 0.0, "+".join(sources), EnergyConfig(),
+                   tokens=tokens or None)  # fmt: skip
+    return [f"energy: replicas {total.format()}"]
 
 
 def _checkpoint_line(c: Any) -> str:
