@@ -23,7 +23,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, TypeVar
 
 import torch
@@ -270,7 +270,15 @@ class ServingModel:
             )
         return ids
 
-    def _params(self, params: SamplingParams) -> SamplingParams:
+    def _params(self, params: SamplingParams, tokenizer: Any = None) -> SamplingParams:
+        """The server's cap; and every EOS id of a Hugging Face model's generation_config.json
+        ends the reply (Llama 3 ends a turn with <|eot_id|>, not its tokenizer's EOS)."""
+        defaults = getattr(tokenizer, "generation_defaults", None)
+        extra = [
+            t for t in getattr(defaults, "stop_token_ids", []) if t not in params.stop_token_ids
+        ]
+        if extra:
+            params = replace(params, stop_token_ids=[*params.stop_token_ids, *extra])
         return params.validate_for(self.config.engine.max_tokens_limit)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
@@ -279,8 +287,9 @@ class ServingModel:
         pin_version / min_version are checked by the engine against the version it admits the
         request on, so the version in the finish message is the one that made every token."""
         engine = self._engine()
-        ids = self.encode(request, engine.snapshot())
-        params = self._params(request.params)
+        snapshot = engine.snapshot()
+        ids = self.encode(request, snapshot)
+        params = self._params(request.params, snapshot.payload.tokenizer)
         deadline = _engine_deadline(request.deadline)
         if deadline is not None and deadline <= time.monotonic():
             raise DeadlineExceededError("the request's deadline passed before it was scheduled")

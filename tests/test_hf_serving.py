@@ -261,3 +261,32 @@ def test_a_replica_that_cannot_load_is_one_line_from_run(ray_cluster, tmp_path):
     message = str(e.value)
     assert "IncompleteCheckpointError" in message and "manifest" in message
     assert len(message.splitlines()) == 1
+
+
+def test_every_eos_of_generation_config_ends_a_reply(hf_dir, tmp_path, reference):
+    """Llama 3 style: generation_config.json lists a second EOS (here the token greedy decoding
+    would produce third); the reply ends there, on gRPC as on HTTP (the replica applies it)."""
+    import shutil
+
+    from kilnlm.actors.serving_model import ServingModel
+
+    third = reference["completion"][2]
+    if third in reference["completion"][:2]:
+        pytest.skip("the greedy continuation repeats its third token early")
+    copy = tmp_path / "llama3ish"
+    shutil.copytree(hf_dir, copy, ignore=shutil.ignore_patterns("manifest.json"))
+    (copy / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, third]}))
+
+    async def run() -> object:
+        model = ServingModel(ServeConfig(http_port=0, engine=ENGINE))
+        await model.load(str(copy))
+        try:
+            greedy = SamplingParams(temperature=0, max_tokens=N_NEW)
+            request = GenerationRequest(request_id="r", params=greedy, prompt=PROMPT)
+            return merge_chunks([c async for c in model.generate(request)])
+        finally:
+            model.shutdown()
+
+    out = asyncio.run(run())
+    assert out.token_ids == reference["completion"][:2]  # the EOS itself is not returned
+    assert out.finish.finish_reason == "stop"
