@@ -27,7 +27,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, replace
 from functools import singledispatch
 from typing import Any, Protocol
@@ -202,10 +202,14 @@ _ROLES = {
 }
 
 
-def sampling_from_proto(pb: generation_pb2.SamplingParams, chat: bool) -> SamplingParams:
-    """Only the fields the client set (proto3 ``optional``): unset means the server's default,
-    which for chat is temperature 0.7 / top_p 0.9. SamplingParams names any bad field."""
-    kwargs: dict[str, Any] = {
+def sampling_from_proto(
+    pb: generation_pb2.SamplingParams, chat: bool, model_defaults: Mapping[str, Any] | None = None
+) -> SamplingParams:
+    """Only the fields the client set (proto3 ``optional``): unset means the model's default
+    (a Hugging Face model's generation_config.json), else the server's, which for chat is
+    temperature 0.7 / top_p 0.9. SamplingParams names any bad field."""
+    defaults = {k: v for k, v in (model_defaults or {}).items() if k != "stop_token_ids"}
+    kwargs: dict[str, Any] = defaults | {
         name: getattr(pb, name) for name in _SAMPLING_SCALARS if pb.HasField(name)
     }
     kwargs["stop"] = list(pb.stop)
@@ -236,7 +240,9 @@ def _messages_from_proto(messages: Any) -> list[dict[str, str]]:
     return out
 
 
-def to_request(msg: Any, deadline: float | None = None) -> GenerationRequest | ScoreRequest:
+def to_request(
+    msg: Any, deadline: float | None = None, model_defaults: Mapping[str, Any] | None = None
+) -> GenerationRequest | ScoreRequest:
     """A protobuf request as the dataclass the replicas take; InvalidArgumentError names a bad
     field.
 
@@ -253,7 +259,7 @@ def to_request(msg: Any, deadline: float | None = None) -> GenerationRequest | S
         raise InvalidArgumentError("prompt must not be empty", "prompt")
     return GenerationRequest(
         request_id=msg.request_id or uuid.uuid4().hex,
-        params=sampling_from_proto(msg.sampling, chat),
+        params=sampling_from_proto(msg.sampling, chat, model_defaults),
         prompt=None if chat else msg.prompt,
         messages=_messages_from_proto(msg.messages) if chat else None,
         deadline=deadline,
@@ -432,11 +438,16 @@ class GenerationServicer:
         status = status_of(exc, self.retry_after_ms, request_id)
         await context.abort(status.code, status.details, status.trailers)
 
+    async def _defaults(self) -> dict[str, Any]:
+        """The served model's sampling defaults, where the backend knows them."""
+        getter = getattr(self.backend, "generation_defaults", None)
+        return await getter() if getter is not None else {}
+
     async def _stream(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         # aclosing: when the client cancels or its deadline passes, gRPC cancels this task and
         # closing the backend's stream aborts the sequence in the engine (blocks freed).
         try:
-            req = to_request(request, _deadline(context))
+            req = to_request(request, _deadline(context), await self._defaults())
             async with contextlib.aclosing(self.backend.generate(req)) as chunks:
                 async for chunk in chunks:
                     yield to_proto(chunk)
@@ -456,7 +467,7 @@ class GenerationServicer:
 
     async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            req = to_request(request, _deadline(context))
+            req = to_request(request, _deadline(context), await self._defaults())
             async with contextlib.aclosing(self.backend.generate(req)) as chunks:
                 merged = merge_chunks([chunk async for chunk in chunks])
             return to_proto(merged, generation_pb2.GenerateResponse)
@@ -692,6 +703,7 @@ class HandleBackend:
     def __init__(self, handle: serve.handle.DeploymentHandle, failover: Failover | None = None):
         self.handle = handle
         self.failover = failover if failover is not None else Failover()
+        self._defaults: dict[str, Any] | None = None
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """One unbroken stream: when the replica under it dies, the request is resent to
@@ -725,6 +737,17 @@ class HandleBackend:
 
     async def score(self, request: ScoreRequest) -> ScoreResult:
         return await self.handle.score.remote(request)
+
+    async def generation_defaults(self) -> dict[str, Any]:
+        """The model's generation_config.json defaults (fixed for the deployment: a hot-swap
+        refuses another tokenizer, and these travel with it), fetched once."""
+        if self._defaults is None:
+            tokenizer = await self.handle.tokenizer.remote()
+            if tokenizer is None:  # an empty replica: ask again next time
+                return {}
+            defaults = getattr(tokenizer, "generation_defaults", None)
+            self._defaults = defaults.to_dict() if defaults is not None else {}
+        return self._defaults
 
     async def info(self) -> ModelInfo:
         return await self.handle.info.remote()

@@ -290,3 +290,22 @@ def test_every_eos_of_generation_config_ends_a_reply(hf_dir, tmp_path, reference
     out = asyncio.run(run())
     assert out.token_ids == reference["completion"][:2]  # the EOS itself is not returned
     assert out.finish.finish_reason == "stop"
+
+
+@pytest.mark.ray
+def test_generation_config_gives_the_defaults_on_grpc_and_http(deployed):
+    """generation_config.json says temperature 0.6, top_p 0.9: a seeded request that leaves them
+    out samples exactly as one that sets them, and not as the server's own defaults."""
+    import openai
+
+    from kilnlm.client import Client
+
+    address, url = deployed
+    with Client(address, timeout=120) as c:
+        unset = c.generate(PROMPT, max_tokens=N_NEW, seed=11).token_ids
+        model = c.generate(PROMPT, max_tokens=N_NEW, seed=11, temperature=0.6, top_p=0.9)
+        server = c.generate(PROMPT, max_tokens=N_NEW, seed=11, temperature=1.0, top_p=1.0)
+    assert unset == model.token_ids != server.token_ids
+    http = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120)
+    text = http.completions.create(model="llama", prompt=PROMPT, max_tokens=N_NEW, seed=11)
+    assert text.choices[0].text == model.text
