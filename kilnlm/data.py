@@ -51,6 +51,7 @@ from kilnlm.filters import (  # noqa: F401 (re-exported: they lived here before 
     quality_reason,
     repeated_line_ratio,
 )
+from kilnlm.fim import FimConfig, encode_documents
 from kilnlm.tokenizer import Tokenizer
 
 TEXT_SUFFIXES = (".txt", ".md", ".py")
@@ -122,6 +123,16 @@ class CorpusConfig:
     """Token ids per shard file (16M ids = 32 MiB in uint16)."""
     tokenizer_max_bytes: int | None = 100_000_000
     """Train the tokenizer on at most this many bytes of the train split (BPE training is memory-hungry)."""
+    fim_rate: float = 0.0
+    """Share of train documents rearranged for fill-in-the-middle (``kilnlm.fim``); 0 = off."""
+    fim_spm_rate: float = 0.5
+    """Share of the rearranged documents in suffix–prefix–middle order (the rest prefix first)."""
+    fim_seed: int = 0
+    """Seed of the per-document FIM draws (the same corpus on every build)."""
+
+    @property
+    def fim(self) -> FimConfig:
+        return FimConfig(self.fim_rate, self.fim_spm_rate, self.fim_seed)
 
     def __post_init__(self) -> None:
         self.sources = [str(s) for s in self.sources]
@@ -141,6 +152,10 @@ class CorpusConfig:
             value = getattr(self, name)
             _check(value is None or value > 0, name, "must be > 0 or None (no cap)", value)
         _check(self.shard_tokens > 0, "shard_tokens", "must be > 0", self.shard_tokens)
+        for name in ("fim_rate", "fim_spm_rate"):
+            _check(
+                0.0 <= getattr(self, name) <= 1.0, name, "must be in [0, 1]", getattr(self, name)
+            )
 
 
 def _check(ok: bool, name: str, rule: str, value: Any) -> None:
@@ -435,9 +450,13 @@ def corpus_fingerprint(
         else:
             files = _stdlib_files(cfg.include_stdlib_tests)
         listing = [(str(p), (st := p.stat()).st_size, st.st_mtime_ns) for p in files]
+    config = asdict(cfg)
+    if cfg.fim_rate == 0.0:  # FIM off builds what it built before FIM existed: keep its key
+        for name in ("fim_rate", "fim_spm_rate", "fim_seed"):
+            config.pop(name)
     key = {
         "format_version": FORMAT_VERSION,
-        "config": asdict(cfg),
+        "config": config,
         "vocab_size": vocab_size,
         "files": listing,
         "python": sys.version,
@@ -509,15 +528,19 @@ def pack_split(
     shard_tokens: int,
     progress: bool = False,
     batch_docs: int = 256,
+    fim: FimConfig | None = None,
 ) -> SplitInfo:
-    """Encode ``docs`` and write them as one stream ``doc0 <eos> doc1 <eos> ...`` in shards."""
+    """Encode ``docs`` and write them as one stream ``doc0 <eos> doc1 <eos> ...`` in shards.
+
+    ``fim`` rearranges a share of the documents for fill-in-the-middle before they are packed
+    (``kilnlm.fim``); the ``<eos>`` after each one is what ends an infill."""
     writer = _ShardWriter(out_dir, split, token_dtype(tok.vocab_size), shard_tokens)
     eos = np.array([tok.eos_id], dtype=np.int64)
     bar = tqdm(total=len(docs), desc=f"encode {split}", unit="doc", disable=not progress)
     try:
         for i in range(0, len(docs), batch_docs):
             batch = docs[i : i + batch_docs]
-            encoded = tok.encode_batch([d.text for d in batch])
+            encoded = encode_documents([d.text for d in batch], tok, fim or FimConfig())
             writer.write(np.concatenate([x for ids in encoded for x in (np.asarray(ids), eos)]))
             bar.update(len(batch))
     finally:
@@ -593,9 +616,11 @@ def build_corpus(
     tok = Tokenizer.train(texts, vocab_size, show_progress=progress)
     tok.save(out_dir / TOKENIZER_NAME)
     clock.lap("tokenizer")
+    # FIM on the train split only: held-out perplexity stays the left-to-right figure.
+    fims = (cfg.fim, FimConfig())
     splits = {
-        name: pack_split(split_docs, tok, out_dir, name, cfg.shard_tokens, progress)
-        for name, split_docs in zip(SPLITS, (train, heldout), strict=True)
+        name: pack_split(split_docs, tok, out_dir, name, cfg.shard_tokens, progress, fim=fim)
+        for name, split_docs, fim in zip(SPLITS, (train, heldout), fims, strict=True)
     }
     clock.lap("encode")
     return save_manifest(out_dir, tok, splits, stats, cfg, fingerprint, clock.laps)

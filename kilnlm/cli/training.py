@@ -43,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     config.add_arguments(p, ClusterConfig)
     config.add_arguments(p, ModelConfig, skip=("vocab_size",))
     config.add_arguments(p, CorpusConfig, prefix="corpus_")
+    add_fim_argument(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -64,6 +65,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the points and the fit as JSON")
     config.add_arguments(p, SweepConfig)
     p.set_defaults(func=cmd_sweep)
+
+
+def add_fim_argument(p: argparse.ArgumentParser) -> None:
+    """``--fim-rate``: the short name of ``--corpus-fim-rate`` (``kiln train`` and ``kiln up``)."""
+    p.add_argument(
+        "--fim-rate",
+        dest="corpus_fim_rate",
+        type=float,
+        metavar="RATE",
+        help="share of train documents rearranged for fill-in-the-middle (0 = off, the default; "
+        "0.5 the usual rate); the corpus is rebuilt for a new rate",
+    )
 
 
 def add_memory_plan_arguments(p: argparse.ArgumentParser) -> None:

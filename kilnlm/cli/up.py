@@ -17,6 +17,7 @@ from dataclasses import replace
 from typing import Any
 
 from kilnlm import config
+from kilnlm.cli.training import add_fim_argument
 
 NOT_FORWARDED = {"help", "local", "cluster", "ray_address", "no_follow", "func", "command"}
 """Flags of `kiln up` that concern the submitting side only (the job runs on the head)."""
@@ -82,6 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     config.add_arguments(p, ClusterConfig)
     config.add_arguments(p, ModelConfig, skip=("vocab_size",))
     config.add_arguments(p, CorpusConfig, prefix="corpus_")
+    add_fim_argument(p)
     p.set_defaults(func=cmd_up, up_actions=[a for a in p._actions if a.option_strings])
 
 
