@@ -12,13 +12,10 @@ Errors are classes the gateway maps to gRPC status codes (``kilnlm.actors.gatewa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-from kilnlm.generate import TokenLogprob
+from kilnlm.decoding import FinishReason, TokenLogprob
 from kilnlm.sampling import SamplingParams
-
-FinishReason = Literal["eos", "stop", "length"]
-
 
 # --------------------------------------------------------------------------------------------
 # Requests
@@ -26,7 +23,8 @@ FinishReason = Literal["eos", "stop", "length"]
 
 @dataclass
 class GenerationRequest:
-    """One completion or chat reply to generate. Exactly one of ``prompt`` / ``messages`` is set."""
+    """One completion, chat reply or infill to generate. Exactly one of ``prompt`` /
+    ``messages`` / ``infill`` is set."""
 
     request_id: str
     params: SamplingParams
@@ -34,6 +32,9 @@ class GenerationRequest:
     """Plain text to continue (encoded without special tokens)."""
     messages: list[dict[str, str]] | None = None
     """A conversation ({"role", "content"} dicts) rendered by ``kilnlm.chat.encode_chat``."""
+    infill: tuple[str, str] | None = None
+    """(prefix, suffix) whose middle to write: the replica builds the fill-in-the-middle prompt
+    (``kilnlm.fim.infill_ids``) and the model ends the middle with ``<|eos|>``."""
     deadline: float | None = None
     """Wall-clock time (``time.time()``) after which the client no longer waits: the replica
     stops generating and frees the sequence's blocks. Wall clock, not monotonic, because the
@@ -61,6 +62,7 @@ class Finish:
     """How a generation ended; sent once, with the last chunk."""
 
     finish_reason: FinishReason
+    """eos, stop or length: a request the engine ended otherwise arrives as an error."""
     prompt_tokens: int
     completion_tokens: int
     seed: int
