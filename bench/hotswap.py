@@ -2,6 +2,7 @@
 
     python bench/hotswap.py               # small-10m x3 swaps, base-100m x2: ~3 min at load ~5
     python bench/hotswap.py --presets small-10m --swaps 5 --streams 16
+    python bench/hotswap.py --swap-mode drain   # new weights in host memory, flip after a drain
 
 For each preset: a random-init model (vocabulary from a BPE tokenizer trained on the standard
 library's sources) exported as version 1 and N more exports of the same shape (other seeds);
@@ -16,6 +17,9 @@ Reported per size:
 - swap latency: registered -> every replica serving (the orchestrator's record; the gate
   included), and its parts: the swap proper (stage sent -> all committed) and stage per replica;
 - requests failed (goal 0), and how many streams were in flight across a swap;
+- truth (goal 0 wrong): every stream's greedy tokens against the greedy tokens of the version
+  its finish message names, recomputed offline from that version's export (``kilnlm.generate``
+  on the loaded export, under the engine's batch-invariant numerics);
 - throughput dip: tokens/s the clients received while a swap ran (whole swap, gate phase,
   stage + commit phase, and the worst ``--window-s`` window) against steady state (every
   window with no swap running, after the first seconds of load).
@@ -98,6 +102,7 @@ class Stream:
     error: str | None = None
     arrivals: list[tuple[float, int]] = field(default_factory=list)
     """(wall time, tokens) of every delta received."""
+    tokens: list[int] = field(default_factory=list)
 
 
 class Load:
@@ -132,6 +137,7 @@ class Load:
         try:
             for delta in client.generate_stream(PROMPT, temperature=0, max_tokens=self.max_tokens):
                 s.arrivals.append((time.time(), len(delta.token_ids)))
+                s.tokens += delta.token_ids
                 if delta.finish is not None:
                     s.version = delta.finish.model_version
         except grpc.RpcError as e:
@@ -284,7 +290,41 @@ def run_preset(args: argparse.Namespace, i: int, root: Path) -> dict[str, Any]:
         stop_system(system)
     streams = [s for s in load.streams if s.end]
     head = {"preset": preset, "vocab_size": vocab, "num_params": size}
-    return head | summarize(args, load, streams, swaps)
+    exported = {1: paths[0]} | {w.version: p for w, p in zip(swaps, paths[1:], strict=True)}
+    truth = check_truth(args, streams, exported)
+    return head | summarize(args, load, streams, swaps) | truth
+
+
+def offline_greedy(path: Path, max_tokens: int) -> list[int]:
+    """PROMPT's greedy tokens under the export at ``path``, computed here with the reference
+    generator under the engine's batch-invariant numerics (the replicas' default)."""
+    from kilnlm import checkpoint
+    from kilnlm.engine import batch_invariant
+    from kilnlm.generate import generate
+    from kilnlm.sampling import SamplingParams
+
+    tok = checkpoint.load_tokenizer(path)
+    model = checkpoint.load(path)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    with batch_invariant():
+        out = generate(model, tok.encode_prompt(PROMPT), params, eos_id=tok.eos_id)
+    return out.token_ids
+
+
+def check_truth(
+    args: argparse.Namespace, streams: list[Stream], exported: dict[int, Path]
+) -> dict[str, Any]:
+    """Each finished stream's tokens against the named version's offline greedy tokens."""
+    expected = {v: offline_greedy(path, args.max_tokens) for v, path in exported.items()}
+    finished = [s for s in streams if s.error is None and s.version is not None]
+    wrong = [s for s in finished if s.tokens != expected.get(s.version, [])[: len(s.tokens)]]
+    short = [s for s in finished if len(s.tokens) != args.max_tokens]
+    return {
+        "streams_checked": len(finished),
+        "streams_wrong_tokens": len(wrong),
+        "streams_short": len(short),
+        "wrong_examples": [{"version": s.version, "tokens": s.tokens[:8]} for s in wrong[:3]],
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,6 +407,10 @@ def print_preset(res: dict[str, Any], args: argparse.Namespace) -> None:
     for e in res["errors"]:
         print(f"    error: {e}")
     print(
+        f"  truth: {res['streams_checked']} streams checked against their version's offline "
+        f"greedy tokens: {res['streams_wrong_tokens']} wrong, {res['streams_short']} short"
+    )
+    print(
         f"  steady state: {res['steady_tokens_per_s']:.0f} tokens/s ({res['steady_windows']} windows)"
     )
     print(
@@ -412,6 +456,9 @@ def main(argv: list[str] | None = None) -> None:
         print_preset(res, args)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    bad = [r for r in results["presets"] if r["failed"] or r["streams_wrong_tokens"]]
+    if bad:
+        raise SystemExit(f"failed or wrong streams in {[r['preset'] for r in bad]}")
 
 
 if __name__ == "__main__":
