@@ -54,7 +54,7 @@ from kilnlm.actors.swap_agent import (
     orchestrator_name,
 )
 from kilnlm.actors.swap_coordinator import SwapCoordinator
-from kilnlm.errors import InvalidArgumentError
+from kilnlm.checkpoint import remote
 from kilnlm.gate import GateResult, heldout_ids, regression, run_gate
 
 log = logging.getLogger(__name__)
@@ -109,13 +109,7 @@ class Orchestrator:
         policy the gate runs next and the checkpoint is promoted if it passes.
         """
         self._start()
-        if "://" in uri and not uri.startswith("file://"):
-            raise InvalidArgumentError(
-                f"uri {uri!r}: replicas load checkpoints from a filesystem path; export to a "
-                "shared filesystem (or file://) for serving",
-                field="uri",
-            )
-        path = local_path(uri)
+        path = local_path(uri)  # an object-store URI stays one: the gate and replicas fetch it
         manifest, sha = await asyncio.to_thread(_read_manifest, path)
         files = {n: e.sha256 for n, e in manifest.files.items()}
         record = self.registry.add(
@@ -333,7 +327,10 @@ class Orchestrator:
 def _read_manifest(path: str) -> tuple[checkpoint.Manifest, str]:
     """The manifest and its content identity (not its bytes: they carry the export's time); a
     plain Hugging Face directory gets its manifest computed here (checked from then on)."""
-    manifest = checkpoint.ensure_manifest(path, verify=False)
+    if remote.is_remote(path):  # a bucket holds exports only: no manifest is written there
+        manifest = remote.read_remote_manifest(path)
+    else:
+        manifest = checkpoint.ensure_manifest(path, verify=False)
     return manifest, manifest.content_sha256()
 
 

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from kilnlm.checkpoint import remote
 from kilnlm.gate import Validation
 
 Status = Literal["registered", "validating", "validated", "promoted", "rejected", "retired"]
@@ -87,7 +88,8 @@ class CheckpointRecord:
     uri: str
     """As registered (a path or a file:// URI)."""
     path: str
-    """The local directory replicas load (``uri`` without file://, absolute)."""
+    """Where replicas load it from: ``uri`` without file://, absolute; an object-store URI as
+    registered (the gate and every replica fetch it into their node's cache)."""
     manifest_sha256: str
     """The manifest's content identity (``Manifest.content_sha256``: files and fields, not the
     export's time): equal means the same files (the manifest lists their sha256)."""
@@ -191,6 +193,8 @@ class Registry:
     """Checkpoint records, promotion lineage, swap history; saved atomically on every change."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.uri = str(path) if remote.is_remote(path) else None
+        """The registry's object-store URI (s3://.../registry.json), or None on a filesystem."""
         self.path = Path(path)
         self.next_version = 1
         self.checkpoints: dict[int, CheckpointRecord] = {}
@@ -205,25 +209,32 @@ class Registry:
 
     @classmethod
     def open(cls, storage_path: str | os.PathLike[str]) -> Registry:
-        """The registry stored under ``storage_path`` (created empty if there is none yet)."""
+        """The registry stored under ``storage_path`` (created empty if there is none yet); an
+        object-store URI (s3://, gs://) keeps it as one object there."""
+        if remote.is_remote(storage_path):
+            registry = cls(f"{str(storage_path).rstrip('/')}/{FILE_NAME}")
+            data = remote.read_bytes(registry.uri or "")
+            if data is not None:
+                registry._load(data)
+            return registry
         root = Path(storage_path)
         root.mkdir(parents=True, exist_ok=True)
         registry = cls(root / FILE_NAME)
         if registry.path.is_file():
-            registry._load()
+            registry._load(registry.path.read_bytes())
         return registry
 
-    def _load(self) -> None:
+    def _load(self, data: bytes) -> None:
         try:
-            d = json.loads(self.path.read_text(encoding="utf-8"))
+            d = json.loads(data.decode("utf-8"))
         except ValueError as e:
             raise RegistryError(
-                f"{self.path} is not valid JSON ({e}); restore it from a backup or move it away "
+                f"{self.uri or self.path} is not valid JSON ({e}); restore it from a backup or move it away "
                 "to start an empty registry"
             ) from e
         if d.get("format") != FORMAT or d.get("format_version", 0) > FORMAT_VERSION:
             raise RegistryError(
-                f"{self.path} is not a kilnlm registry this version understands "
+                f"{self.uri or self.path} is not a kilnlm registry this version understands "
                 f"(format {d.get('format')!r}, version {d.get('format_version')!r})"
             )
         self.next_version = d["next_version"]
@@ -248,8 +259,12 @@ class Registry:
         }
 
     def save(self) -> None:
-        """Write the registry atomically: temp file in the same directory, fsync, rename."""
+        """Write the registry atomically: temp file in the same directory, fsync, rename; in
+        object storage one PUT of the whole document (atomic there: no reader sees a part)."""
         data = json.dumps(self.to_dict(), indent=1, sort_keys=True).encode("utf-8")
+        if self.uri is not None:
+            remote.write_bytes(self.uri, data)
+            return
         fd, tmp = tempfile.mkstemp(prefix=f".{FILE_NAME}.", dir=self.path.parent)
         try:
             with os.fdopen(fd, "wb") as f:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from kilnlm.actors.serving_model import ServingModel
-from kilnlm.checkpoint import CheckpointError
+from kilnlm.checkpoint import CheckpointError, remote
 from kilnlm.energy import EnergyMeter
 from kilnlm.hotswap import FailureKind
 
@@ -52,7 +52,10 @@ def orchestrator_name(app_name: str) -> str:
 
 
 def local_path(uri: str) -> str:
-    """The absolute local path of a checkpoint URI (a path, or file://path)."""
+    """Where a checkpoint URI is read from: the absolute local path of a path or file://path; an
+    object-store URI (s3://, gs://) as it is (each replica fetches it into its node's cache)."""
+    if remote.is_remote(uri):
+        return uri
     return os.path.abspath(uri.removeprefix("file://"))
 
 
@@ -223,6 +226,8 @@ class SwapAgent:
         self._executed = 0
         self._commands: asyncio.Queue[Command] = asyncio.Queue()
         self._model_lock = asyncio.Lock()  # stage/commit/abort/load run one at a time
+        self._sources: dict[str, str] = {}
+        """Local cache folder -> the object-store URI it was fetched from."""
         self._tasks: list[asyncio.Task[None]] = []
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -291,7 +296,7 @@ class SwapAgent:
             actor_name=self.actor_name,
             namespace=self.namespace,
             version=0 if current is None else current.version,
-            checkpoint="" if current is None else local_path(current.checkpoint),
+            checkpoint="" if current is None else self._source(current.checkpoint),
             staged_version=None if staged is None else staged.version,
             swap_mode=self.model.config.engine.swap_mode,
         )
@@ -315,7 +320,7 @@ class SwapAgent:
         current = self.model.current
         if current is None or current.version != target.version:
             return False
-        if local_path(current.checkpoint) != target.path:
+        if self._source(current.checkpoint) != target.path:
             raise RuntimeError(
                 f"this replica serves {current.checkpoint} as version {target.version}, the "
                 f"orchestrator promoted {target.path} under that number; restart the "
@@ -323,11 +328,25 @@ class SwapAgent:
             )
         return True
 
+    def _source(self, checkpoint: str) -> str:
+        """The URI the orchestrator knows a loaded checkpoint by (a cached copy's bucket URI)."""
+        return self._sources.get(checkpoint) or local_path(checkpoint)
+
+    async def _local(self, path: str) -> str:
+        """A local directory to load ``path`` from: an object-store URI is fetched into this
+        node's cache first (verified; CheckpointError if corrupted, SwapEnvironmentError if the
+        bucket cannot be reached), shared with the other replicas of the node."""
+        if not remote.is_remote(path):
+            return path
+        local = await asyncio.to_thread(remote.local_dir, path)
+        self._sources[local] = path
+        return local
+
     async def _serve(self, target: Target) -> None:
         if self._serves(target):
             return
         await self._wait_retired(target.version)
-        await self.model.load(target.path, target.version)
+        await self.model.load(await self._local(target.path), target.version)
 
     async def _poll_loop(self) -> None:
         while True:
@@ -419,7 +438,7 @@ class SwapAgent:
                 result.skipped = True
                 return
             await self._wait_retired(command.version)
-            await self.model.stage(command.path, command.version)
+            await self.model.stage(await self._local(command.path), command.version)
         elif command.kind == "commit":
             current = self.model.current
             flipped = current is not None and current.version == command.version

@@ -27,6 +27,8 @@ from kilnlm.actors.orchestrator_config import (
 from kilnlm.actors.registry import CheckpointRecord, Registry, ReplicaSwap, SwapKind, SwapRecord
 from kilnlm.actors.replica_set import ReplicaSet, ReplicaState, serve_running_count
 from kilnlm.actors.swap_agent import CommandKind, Heartbeat, Hello, Result, Target
+from kilnlm.checkpoint import remote
+from kilnlm.errors import SwapEnvironmentError
 from kilnlm.gate import heldout_ids
 from kilnlm.hotswap import ProtocolError, Swap, SwapMachine
 
@@ -387,7 +389,13 @@ class SwapCoordinator:
         in_use = self.machine.in_use()
         for record in self.registry.retention_candidates(self.config.keep_last, in_use):
             path = Path(record.path)
-            if (path / checkpoint.MANIFEST).is_file():  # only ever delete a checkpoint directory
+            if remote.is_remote(record.path):
+                try:  # manifest first: never a torn export
+                    remote.delete_export(record.path)
+                except SwapEnvironmentError as e:  # kept for now; the next promotion tries again
+                    log.warning("retention could not delete %s: %s", record.path, e)
+                    continue
+            elif (path / checkpoint.MANIFEST).is_file():  # only ever a checkpoint directory
                 shutil.rmtree(path, ignore_errors=True)
             self.registry.mark_deleted(record.version)
             log.info("retention deleted version %d (%s)", record.version, record.path)

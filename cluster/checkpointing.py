@@ -62,6 +62,7 @@ from kilnlm.checkpoint import (
     export_content_addressed,
     export_state_dict,
     parse_manifest,
+    remote,
     sha256_file,
 )
 from kilnlm.cluster.optimizer_state import (
@@ -384,19 +385,11 @@ def _upload_export(
     tokenizer: Any,
     fields: dict[str, Any],
 ) -> str:
-    import pyarrow.fs
-
     with tempfile.TemporaryDirectory(prefix="kilnlm-export-") as tmp:
         local = export_content_addressed(state_dict, config, tmp, prefix, tokenizer, **fields)
         uri = f"{exports_uri.rstrip('/')}/{local.name}"
-        fs, root = pyarrow.fs.FileSystem.from_uri(uri)
-        if fs.get_file_info(f"{root}/manifest.json").type != pyarrow.fs.FileType.NotFound:
-            return uri  # the same name is the same content, uploaded complete before
-        manifest = local / "manifest.json"
-        staged = Path(tmp) / "manifest.json"
-        shutil.move(manifest, staged)  # readers treat a folder without manifest as unfinished
-        pyarrow.fs.copy_files(str(local), uri)
-        pyarrow.fs.copy_files(str(staged), f"{uri}/manifest.json")
+        # Manifest last; a folder of that name with a manifest is the same content: left as is.
+        remote.upload_export(local, uri)
     return uri
 
 

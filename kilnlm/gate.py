@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import torch
 
 from kilnlm import checkpoint
-from kilnlm.checkpoint import CheckpointError
+from kilnlm.checkpoint import CheckpointError, remote
 from kilnlm.eval import evaluate
 from kilnlm.generate import generate
 from kilnlm.sampling import SamplingParams
@@ -93,10 +93,15 @@ def _device() -> tuple[torch.device, torch.dtype]:
 
 
 def run_gate(path: str, settings: GateSettings) -> GateResult:
-    """Checksums, load, held-out perplexity, smoke generation; the first failure is the reason."""
+    """Checksums, load, held-out perplexity, smoke generation; the first failure is the reason.
+
+    ``path`` may be an object-store URI: it is fetched into the node's cache and verified first.
+    A bucket that cannot be reached raises ``SwapEnvironmentError`` (not a verdict on the model).
+    """
     start = time.perf_counter()
     torch.set_num_threads(settings.torch_threads)
-    try:
+    try:  # an object-store URI: this node's verified cached copy (SwapEnvironmentError: retry)
+        path = remote.local_dir(path)
         checkpoint.verify_manifest(path)
     except (CheckpointError, OSError) as e:
         return GateResult(False, f"checksum: {e}")

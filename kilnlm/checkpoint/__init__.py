@@ -25,8 +25,10 @@ The package is split along its jobs, and every public name is re-exported here
 - ``export``    model / state dict -> directory, atomically
 - ``load``      directory -> model / state dict, verified, never unpickled
 - ``adopt``     a plain Hugging Face directory gets its manifest when first registered or served
+- ``remote``    object storage (s3://, gs://): upload manifest last, fetch into a verified cache
 """
 
+from kilnlm.checkpoint import remote
 from kilnlm.checkpoint.adopt import check_servable, ensure_manifest
 from kilnlm.checkpoint.errors import (
     CheckpointError,
@@ -106,6 +108,7 @@ __all__ = [
     "parse_manifest",
     "read_manifest",
     "read_state_dict",
+    "remote",
     "save_pretrained",
     "sha256_file",
     "to_hf_state_dict",
