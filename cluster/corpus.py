@@ -244,7 +244,7 @@ def _decide(
     kept, scores, kept_bytes = [], [], 0
     columns = [c for c in _CLEAN_COLUMNS if c != "text"]
     bar = tqdm(desc="dedup", unit="doc", disable=not progress)
-    for batch in cleaned.select_columns(columns).iter_batches(batch_format="numpy"):
+    for batch in cleaned.iter_batches(batch_format="numpy"):  # materialised: no projection task
         for row in zip(*(batch[c] for c in columns), strict=True):
             key, reason, n_in, n_out, boiler, *pii, dedup, signature, score = row
             pii_counts = PiiCounts(*(int(n) for n in pii))
@@ -347,7 +347,7 @@ def build_corpus_ray(
         selected = _apply_caps(docs, cfg)
         clock.lap("read")
         cleaned = docs.map_batches(
-            _clean_batch, batch_size=16, fn_kwargs={"cfg": cfg, "selected": selected}, **stage
+            _clean_batch, batch_size=32, fn_kwargs={"cfg": cfg, "selected": selected}, **stage
         ).materialize()
         kept, heldout, stats = _decide(cleaned, cfg, progress)
         clock.lap("clean")
@@ -391,7 +391,7 @@ def _train_tokenizer(
     """BPE on the same sample as ``build_corpus``: train texts in corpus order up to the budget."""
 
     def train_texts() -> Iterator[str]:
-        for batch in cleaned.select_columns(["key", "text"]).iter_batches(batch_format="numpy"):
+        for batch in cleaned.iter_batches(batch_format="numpy"):
             yield from (str(t) for t in batch["text"][np.isin(batch["key"], train)])
 
     sample = tokenizer_texts(train_texts(), cfg.tokenizer_max_bytes)

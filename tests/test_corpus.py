@@ -110,6 +110,7 @@ def test_duplicates_keep_the_same_representative_as_build_corpus(
 
 
 def run_kiln(*argv: str) -> dict:
+    """`kiln ARGV --json` in this process (on the session's Ray), its summary parsed."""
     from kilnlm.cli import main
 
     out = io.StringIO()
@@ -121,17 +122,26 @@ def run_kiln(*argv: str) -> dict:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_kiln_corpus_output_trains_with_kiln_train(ray_cluster, tmp_path: Path) -> None:
+    from kilnlm.cli import build_parser
+    from kilnlm.cli.training import job_from_args
+    from kilnlm.cluster.launcher import launch, prepare_data
+
     data = str(tmp_path / "data")
     common = ("corpus", "--out", data, "--max-bytes", "150000", "--vocab-size", "512", "--json")
     built = run_kiln(*common, "--workers", "2")
     assert not built["reused"] and built["tokens"]["train"] > 10_000
     assert built["documents_per_s"] > 0 and built["stats"]["n_kept"] == sum(built["kept"].values())
     assert run_kiln(*common)["reused"]  # same inputs: nothing rebuilt
-    trained = run_kiln(
+    args = build_parser().parse_args([
         "train", "--data", data, "--preset", "test-1m", "--block-size", "64", "--seq-len", "32",
         "--batch-size", "2", "--max-steps", "2", "--warmup-steps", "1", "--eval-every", "0",
         "--checkpoint-every", "0", "--workers", "1", "--no-export", "--no-progress",
         "--storage-path", str(tmp_path / "runs"), "--name", "from-kiln-corpus",
-    )  # fmt: skip
+    ])  # fmt: skip
+    job = job_from_args(args)  # what `kiln train` launches
+    assert job.data_dir == data and prepare_data(job)[1] == built["vocab_size"]
+    result = launch(job, raise_on_error=False)
+    assert result.error is None, result.error
+    trained = {"last": result.history[-1]}
     assert trained["last"]["step"] == 2 and np.isfinite(trained["last"]["loss"])
     assert len(TokenShards(data, "train")) == built["tokens"]["train"]
