@@ -162,6 +162,19 @@ def test_toy_policy_export_round_trips(toy, tmp_path):
     loaded = checkpoint.load(path)
     assert checkpoint.load_tokenizer(path).encode("w:abcd") == toy.tokenizer.encode("w:abcd")
     assert ToySpec.from_dict(manifest.fields["toy"]) == toy.spec
+    record = toy.spec.record(1.0, str(path), [(1, "v1")])
+    assert set(record) == {
+        "alphabet_ids",
+        "eos_id",
+        "prompt_ids",
+        "max_len",
+        "beta",
+        "pi0",
+        "versions",
+    }
+    assert ToySpec.from_dict(record) == toy.spec and record["versions"] == [
+        {"version": 1, "path": "v1"}
+    ]
     with torch.no_grad():
         torch.testing.assert_close(
             completion_logprobs(loaded, toy.spec), completion_logprobs(toy.model, toy.spec)

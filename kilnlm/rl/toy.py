@@ -78,6 +78,16 @@ class ToySpec:
             "max_len": self.max_len,
         }
 
+    def record(self, beta: float, pi0: str, versions: Sequence[tuple[int, str]]) -> dict[str, Any]:
+        """``toy.json``: enough to recompute π* and every KL from the exports with other code
+        (``versions``: (version, export folder) in promotion order)."""
+        return {
+            **self.to_dict(),
+            "beta": beta,
+            "pi0": pi0,
+            "versions": [{"version": v, "path": path} for v, path in versions],
+        }
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ToySpec:
         """From a ``toy.json`` (extra keys such as beta or versions are ignored)."""
