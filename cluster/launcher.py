@@ -29,6 +29,7 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from kilnlm.checkpoint import remote
 from kilnlm.cluster.config import (
     ClusterConfig,
     JobConfig,
@@ -131,16 +132,28 @@ def ensure_ray(cpus_needed: float = 1.0) -> None:
     at least ``cpus_needed`` logical CPUs (a scheduling budget, not cores: see DESIGN.md)."""
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
+    if os.environ.get("RAY_ADDRESS"):  # a shared cluster: its nodes bring their own credentials
+        ray.init(log_to_driver=False, runtime_env=_storage_runtime_env(secrets=False))
         return
     num_cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed) + 1)
     # Worker logs stay in Ray's session folder (/tmp/ray/session_latest/logs): streamed to the
     # terminal they bury the progress bar. Failures still reach the driver with their traceback.
     try:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env=_storage_runtime_env(secrets=True),
+        )
     except ValueError:  # `ray start` left a cluster running on this machine: join it instead
-        ray.init(log_to_driver=False)
+        ray.init(log_to_driver=False, runtime_env=_storage_runtime_env(secrets=False))
+
+
+def _storage_runtime_env(secrets: bool) -> dict[str, Any] | None:
+    """This shell's object-storage settings (AWS_ENDPOINT_URL, AWS_REGION, ...) for every Ray
+    process, so trainers, the gate and replicas reach the bucket the driver reaches."""
+    env = remote.storage_env(secrets=secrets)
+    return {"env_vars": env} if env else None
 
 
 _poll_set_by_us: str | None = None

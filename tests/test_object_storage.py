@@ -264,3 +264,96 @@ def test_an_unreachable_bucket_leaves_the_version_registered_not_rejected(
         assert record.status == "registered"
 
     run(cfg, body)
+
+
+# --------------------------------------------------------------------------------------------
+# End to end on real Ray: train -> export -> register -> gate -> hot-swap, all through s3://
+
+
+def _list(uri: str) -> list[str]:
+    import pyarrow.fs
+
+    fs, root = remote.filesystem(uri)
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))
+    return [i.path.removeprefix(root).lstrip("/") for i in infos]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_train_export_register_gate_and_hot_swap_through_s3(
+    s3, ray_cluster, tiny_corpus, tmp_path, monkeypatch
+):
+    """Ray Train writes its sharded checkpoints and rank 0 its exports to the bucket; the
+    orchestrator's registry lives there; the gate and the replicas fetch the exports from it.
+    The training runs in a Ray task whose runtime env carries the bucket's settings (the
+    session's Ray started before the server existed), as ``ensure_ray`` gives them to a run."""
+    import ray
+
+    from kilnlm.cluster.config import ClusterConfig, JobConfig
+    from kilnlm.cluster.launcher import launch
+    from kilnlm.train import TrainConfig
+
+    train = TrainConfig(
+        lr=3e-3,
+        warmup_steps=2,
+        max_steps=8,
+        batch_size=4,
+        seq_len=64,
+        eval_every=4,
+        eval_batches=1,
+        log_every=4,
+        checkpoint_every=4,
+    )
+    cluster = ClusterConfig(
+        workers=2,
+        storage_path=f"{s3}/runs",
+        name="s3-e2e",
+        progress=False,
+        max_failures=0,
+        checkpoint_upload="sync",
+    )
+    job = JobConfig(
+        preset="test-1m",
+        model={"block_size": 128},
+        train=train,
+        cluster=cluster,
+        data_dir=str(tiny_corpus),
+    )
+
+    @ray.remote(num_cpus=0.1, runtime_env={"env_vars": remote.storage_env()})
+    def train_in_ray(job: JobConfig) -> list[str]:
+        return launch(job).exports
+
+    exports = ray.get(train_in_ray.remote(job), timeout=1200)
+    assert len(exports) == 2 and all(u.startswith(f"{s3}/runs/s3-e2e/") for u in exports)
+    stored = _list(f"{s3}/runs/s3-e2e")
+    assert any("checkpoint_" in p for p in stored)  # Ray Train's sharded checkpoints
+    for uri in exports:
+        assert remote.exists(f"{uri}/{checkpoint.MANIFEST}")
+
+    monkeypatch.setenv(remote.CACHE_ENV, str(tmp_path / "cache"))
+    cfg = config(
+        tmp_path,
+        {"heldout": tiny_corpus},
+        storage_path=f"{s3}/runs/s3-e2e/orchestrator",
+        max_ppl_increase=1.0,
+    )
+
+    async def body(c: Cluster) -> None:
+        o = c.orchestrator
+        for _ in range(2):
+            await c.add_replica()
+        first = await o.register(exports[0])
+        await o.promote(first)
+        second = await o.register(exports[1])
+        swap = await o.promote(second)
+        assert swap.outcome == "ok" and c.versions() == [second, second]
+        records = await o.list_checkpoints()
+        assert [r.status for r in records] == ["retired", "promoted"]
+        assert all(r.validation is not None and r.validation.perplexity > 1 for r in records)
+        # What serves is the export's weights, byte for byte.
+        served = c.models[0].current.checkpoint
+        assert Path(served).name == remote.read_remote_manifest(exports[1]).content_sha256()
+
+    run(cfg, body)
+    assert "registry.json" in _list(f"{s3}/runs/s3-e2e/orchestrator")

@@ -50,11 +50,21 @@ def is_remote(uri: str | os.PathLike[str]) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
-def storage_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AZURE_STORAGE_KEY")
+"""Never sent to a cluster this process joins (a runtime env is visible to every job there):
+its nodes authenticate with their own IAM role or service account."""
+
+
+def storage_env(environ: dict[str, str] | None = None, secrets: bool = True) -> dict[str, str]:
     """The object-storage settings of this process, to put in a Ray runtime env: workers started
-    before the variables were set (a local cluster) would otherwise reach another endpoint."""
+    before the variables were set (a local cluster) would otherwise reach another endpoint.
+    ``secrets=False`` leaves out the keys (``SECRET_ENV``) for a shared cluster."""
     environ = dict(os.environ if environ is None else environ)
-    return {k: v for k, v in environ.items() if k.startswith(STORAGE_ENV_PREFIXES)}
+    return {
+        k: v
+        for k, v in environ.items()
+        if k.startswith(STORAGE_ENV_PREFIXES) and (secrets or k not in SECRET_ENV)
+    }
 
 
 def cache_root() -> Path:
