@@ -36,7 +36,7 @@ IGNORE_INDEX = -100
 Batch = tuple[Tensor, Tensor]
 """(x, y): input ids (B, T) and targets (B, T), targets ``IGNORE_INDEX`` where not scored."""
 
-OBJECTIVES = ("clm", "mlm", "sft", "reward", "dpo")
+OBJECTIVES = ("clm", "mlm", "sft", "reward", "dpo", "rl")
 
 # --------------------------------------------------------------------------------------------
 # Config
@@ -71,7 +71,7 @@ class TrainConfig:
     eval_batches: int = 20
     """Held-out micro-batches per evaluation."""
     seed: int = 1337
-    objective: Literal["clm", "mlm", "sft", "reward", "dpo"] = "clm"
+    objective: Literal["clm", "mlm", "sft", "reward", "dpo", "rl"] = "clm"
     """clm: next-token prediction; mlm: masked-token prediction (needs a causal=False model);
     sft, reward, dpo: post-training objectives (``kilnlm.posttrain``), which bring their own
     batches and loss through an ``Objective``."""

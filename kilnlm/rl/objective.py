@@ -147,10 +147,24 @@ def rloo_loss(
     ``reference`` is π0 (no gradient flows into it); ``allowed`` restricts both models to the ids
     the sampler was restricted to (None: the full vocabulary).
     """
-    seq_theta = sequence_logprob(policy, batch, allowed)  # (B,) with grad
     with torch.no_grad():
         seq_ref = sequence_logprob(reference, batch, allowed)
+    return rloo_loss_given_reference(policy, seq_ref, batch, objective, allowed, policy_version)
+
+
+def rloo_loss_given_reference(
+    policy: nn.Module,
+    seq_ref: Tensor,
+    batch: RLBatch,
+    objective: RLObjective,
+    allowed: Tensor | None = None,
+    policy_version: int | None = None,
+) -> tuple[Tensor, RLMetrics]:
+    """``rloo_loss`` with log π0(completion | prompt) (B,) given: computed once by the driver, so
+    the Ray Train workers do not hold π0 beside the policy (as DPO's reference log-probs)."""
+    seq_theta = sequence_logprob(policy, batch, allowed)  # (B,) with grad
     device = seq_theta.device
+    seq_ref = seq_ref.to(device)
     seq_sampler = (batch.sampler_logprobs * batch.completion_mask).sum(dim=1).to(device)
     rewards = batch.rewards.to(device)
     kl_seq = seq_theta.detach() - seq_ref
@@ -180,6 +194,7 @@ __all__ = [
     "RLObjective",
     "leave_one_out",
     "rloo_loss",
+    "rloo_loss_given_reference",
     "sequence_logprob",
     "token_logprobs",
 ]
