@@ -30,7 +30,7 @@ from kilnlm.actors.swap_agent import (
 from kilnlm.engine import EngineConfig
 from kilnlm.serving_config import ServeConfig
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # 4 tests, ~25 s each on 2 cores
 
 SERVE = ServeConfig(engine=EngineConfig(kv_budget_mib=4, max_tokens_limit=64))
 
