@@ -185,6 +185,23 @@ def test_storage_env_forwards_only_storage_settings():
     assert remote.local_dir("file:///tmp/x") == "/tmp/x"
 
 
+def test_kiln_eval_scores_an_export_in_the_bucket_as_on_disk(
+    s3, local, tmp_path, monkeypatch, capsys
+):
+    import json
+
+    from kilnlm.cli import main
+
+    monkeypatch.setenv(remote.CACHE_ENV, str(tmp_path / "cache"))
+    uri = f"{s3}/exports/eval"
+    remote.upload_export(local["v1"], uri)
+    results = []
+    for where in (uri, str(local["v1"])):
+        assert main(["eval", "--checkpoint", where, "--text", str(local["heldout"]), "--json"]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert results[0] == results[1] and results[0]["tokens"] > 1
+
+
 # --------------------------------------------------------------------------------------------
 # The registry and the orchestrator on s3://
 

@@ -45,7 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("eval", help="perplexity and bits per byte of a checkpoint on a text file")
     p.add_argument(
-        "--checkpoint", required=True, help="an export directory or a HF Llama directory"
+        "--checkpoint",
+        required=True,
+        help="an export directory, a HF Llama directory, or an export's s3:// / gs:// URI",
     )
     p.add_argument("--text", required=True, help="a UTF-8 text file")
     p.add_argument(
@@ -156,8 +158,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _load(path: str) -> tuple[Any, Any]:
-    from kilnlm.checkpoint import load, load_tokenizer
+    from kilnlm.checkpoint import load, load_tokenizer, remote
 
+    path = remote.local_dir(path)  # s3://, gs://: this machine's verified cached copy
     model = load(path).eval()
     tok = load_tokenizer(path)
     if tok is None:
