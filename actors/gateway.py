@@ -53,6 +53,9 @@ from kilnlm.actors.protocol import (
     GenerationRequest,
     ModelInfo,
     NoModelError,
+    NotARewardModelError,
+    RewardRequest,
+    RewardResult,
     ScoreRequest,
     ScoreResult,
     VersionMismatchError,
@@ -83,6 +86,8 @@ class Backend(Protocol):
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]: ...
 
     async def score(self, request: ScoreRequest) -> ScoreResult: ...
+
+    async def reward(self, request: RewardRequest) -> RewardResult: ...
 
     async def info(self) -> ModelInfo: ...
 
@@ -240,9 +245,34 @@ def _messages_from_proto(messages: Any) -> list[dict[str, str]]:
     return out
 
 
+def _infill_request(
+    msg: Any, deadline: float | None, model_defaults: Mapping[str, Any] | None
+) -> GenerationRequest:
+    if not msg.prefix and not msg.suffix:
+        raise InvalidArgumentError("prefix and suffix must not both be empty", "prefix")
+    return GenerationRequest(
+        request_id=msg.request_id or uuid.uuid4().hex,
+        params=sampling_from_proto(msg.sampling, False, model_defaults),
+        infill=(msg.prefix, msg.suffix),
+        deadline=deadline,
+        **_versions(msg),
+    )
+
+
+def _reward_request(msg: Any) -> RewardRequest:
+    if bool(msg.messages) == bool(msg.prompt):
+        raise InvalidArgumentError("set exactly one of messages and prompt", "prompt")
+    messages = (
+        _messages_from_proto(msg.messages)
+        if msg.messages
+        else [{"role": "user", "content": msg.prompt}]
+    )
+    return RewardRequest(messages=messages, completion=msg.completion, **_versions(msg))
+
+
 def to_request(
     msg: Any, deadline: float | None = None, model_defaults: Mapping[str, Any] | None = None
-) -> GenerationRequest | ScoreRequest:
+) -> GenerationRequest | ScoreRequest | RewardRequest:
     """A protobuf request as the dataclass the replicas take; InvalidArgumentError names a bad
     field.
 
@@ -254,6 +284,10 @@ def to_request(
         if not msg.text:
             raise InvalidArgumentError("text must not be empty", "text")
         return ScoreRequest(text=msg.text, **_versions(msg))
+    if isinstance(msg, generation_pb2.InfillRequest):
+        return _infill_request(msg, deadline, model_defaults)
+    if isinstance(msg, generation_pb2.RewardRequest):
+        return _reward_request(msg)
     chat = isinstance(msg, generation_pb2.ChatRequest)
     if not chat and not msg.prompt:
         raise InvalidArgumentError("prompt must not be empty", "prompt")
@@ -335,6 +369,13 @@ def _(obj: ScoreResult, cls: type | None = None) -> generation_pb2.ScoreResponse
 
 
 @to_proto.register
+def _(obj: RewardResult, cls: type | None = None) -> generation_pb2.RewardResponse:
+    return generation_pb2.RewardResponse(
+        reward=obj.reward, num_tokens=obj.num_tokens, model_version=obj.model_version
+    )
+
+
+@to_proto.register
 def _(obj: ModelInfo, cls: type | None = None) -> generation_pb2.ModelInfo:
     kv = generation_pb2.KVCacheInfo(
         budget_bytes=obj.kv_budget_bytes,
@@ -402,7 +443,7 @@ def status_of(
     elif isinstance(exc, (RayActorError, DeploymentUnavailableError)):
         code = grpc.StatusCode.UNAVAILABLE
         details = f"the serving replica is unavailable ({type(exc).__name__}); retry the request"
-    elif isinstance(exc, VersionMismatchError):
+    elif isinstance(exc, (VersionMismatchError, NotARewardModelError)):
         code = grpc.StatusCode.FAILED_PRECONDITION
     elif isinstance(exc, (DeadlineExceededError, TimeoutError)):
         code = grpc.StatusCode.DEADLINE_EXCEEDED
@@ -465,6 +506,10 @@ class GenerationServicer:
         async for response in self._stream(request, context):
             yield response
 
+    async def Infill(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async for response in self._stream(request, context):
+            yield response
+
     async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             req = to_request(request, _deadline(context), await self._defaults())
@@ -477,6 +522,12 @@ class GenerationServicer:
     async def Score(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return to_proto(await self.backend.score(to_request(request)))
+        except Exception as e:
+            await self._abort(context, e)
+
+    async def Reward(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return to_proto(await self.backend.reward(to_request(request)))
         except Exception as e:
             await self._abort(context, e)
 
@@ -737,6 +788,9 @@ class HandleBackend:
 
     async def score(self, request: ScoreRequest) -> ScoreResult:
         return await self.handle.score.remote(request)
+
+    async def reward(self, request: RewardRequest) -> RewardResult:
+        return await self.handle.reward.remote(request)
 
     async def generation_defaults(self) -> dict[str, Any]:
         """The model's generation_config.json defaults (fixed for the deployment: a hot-swap

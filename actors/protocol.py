@@ -53,6 +53,16 @@ class ScoreRequest:
     pin_version: int | None = None
 
 
+@dataclass
+class RewardRequest:
+    """A reply to judge with a served reward model; ``messages`` is the prompt conversation."""
+
+    messages: list[dict[str, str]]
+    completion: str
+    min_version: int | None = None
+    pin_version: int | None = None
+
+
 # --------------------------------------------------------------------------------------------
 # Responses
 
@@ -108,6 +118,13 @@ class ScoreResult:
 
 
 @dataclass
+class RewardResult:
+    reward: float
+    num_tokens: int
+    model_version: int
+
+
+@dataclass
 class ModelInfo:
     """What a replica serves; version 0 with empty fields while it has no model."""
 
@@ -153,6 +170,10 @@ class VersionUnavailableError(RuntimeError):
 
 class VersionMismatchError(RuntimeError):
     """``pin_version`` is not the served version: FAILED_PRECONDITION (retrying will not help)."""
+
+
+class NotARewardModelError(RuntimeError):
+    """The served model has no reward head: FAILED_PRECONDITION (serve a reward-model export)."""
 
 
 class DeadlineExceededError(TimeoutError):

@@ -30,6 +30,8 @@ from kilnlm.actors.protocol import (
     GenerationChunk,
     GenerationRequest,
     ModelInfo,
+    RewardRequest,
+    RewardResult,
     ScoreRequest,
     ScoreResult,
     merge_chunks,
@@ -133,6 +135,9 @@ class LLMServer:
 
     async def score(self, request: ScoreRequest) -> ScoreResult:
         return await self.model.score(request)
+
+    async def reward(self, request: RewardRequest) -> RewardResult:
+        return await self.model.reward(request)
 
     async def info(self) -> ModelInfo:
         return await self.model.info()

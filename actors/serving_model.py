@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -37,6 +38,9 @@ from kilnlm.actors.protocol import (
     GenerationRequest,
     ModelInfo,
     NoModelError,
+    NotARewardModelError,
+    RewardRequest,
+    RewardResult,
     ScoreRequest,
     ScoreResult,
     VersionMismatchError,
@@ -57,7 +61,9 @@ from kilnlm.engine import (
 from kilnlm.engine.engine import DTYPES
 from kilnlm.errors import InvalidArgumentError
 from kilnlm.eval import EvalResult, token_logprobs
+from kilnlm.fim import infill_ids
 from kilnlm.model import Transformer
+from kilnlm.posttrain.reward import encode_reply, rewards
 from kilnlm.sampling import SamplingParams
 from kilnlm.serving_config import ServeConfig
 from kilnlm.tokenizer import Tokenizer
@@ -255,7 +261,10 @@ class ServingModel:
         (Every version of a deployment has the same tokenizer and context: stage checks it.)"""
         tok = loaded.tokenizer if isinstance(loaded, LoadedModel) else loaded.payload.tokenizer
         field = "prompt" if request.messages is None else "messages"
-        if request.messages is not None:
+        if request.infill is not None:
+            field = "prefix"
+            ids = _infill_ids(tok, *request.infill)
+        elif request.messages is not None:
             ids = encode_chat(tok, request.messages, add_generation_prompt=True)
         else:
             ids = tok.encode_prompt(request.prompt or "")
@@ -329,6 +338,25 @@ class ServingModel:
             model_version=snapshot.version,
         )
 
+    async def reward(self, request: RewardRequest) -> RewardResult:
+        """r(prompt, completion) under a reward-model export (``kilnlm.posttrain.reward``): the
+        head read at the closing ``<|eos|>``, from the weights of the version it names."""
+        self._engine()
+        async with self._reading(request.min_version, request.pin_version) as snapshot:
+            head = _reward_head(snapshot.payload.checkpoint)
+            tok = snapshot.payload.tokenizer
+            prompt = encode_chat(tok, request.messages, add_generation_prompt=True)
+            ids = list(encode_reply(tok, prompt, request.completion))
+            context = snapshot.model.config.block_size
+            if len(ids) > context:
+                raise InvalidArgumentError(
+                    f"prompt + completion is {len(ids)} tokens, more than the model's context "
+                    f"of {context}; shorten them",
+                    "completion",
+                )
+            value = await asyncio.to_thread(_reward_of, snapshot.model, ids, head)
+        return RewardResult(reward=value, num_tokens=len(ids), model_version=snapshot.version)
+
     async def evaluate(self, token_ids: list[int]) -> tuple[int, list[float]]:
         """(version, log-probabilities of ``token_ids``) under the serving weights, both from one
         snapshot held while reading: the canary compares what it names."""
@@ -367,6 +395,36 @@ class ServingModel:
             generated_tokens=stats["num_generated_tokens"],
             staged_version=None if self.staged is None else self.staged.version,
         )
+
+
+@functools.lru_cache(maxsize=16)
+def _reward_head(path: str) -> int:
+    """The reward head's output row, from the (immutable) export's manifest."""
+    head = checkpoint.read_manifest(path).fields.get("reward_head")
+    if not isinstance(head, dict) or head.get("kind") != "lm_head_row":
+        raise NotARewardModelError(
+            "the served model is not a reward model (its manifest has no reward_head); serve an "
+            "export of `kiln reward train`"
+        )
+    return int(head["token_id"])
+
+
+@torch.no_grad()
+def _reward_of(model: Transformer, ids: list[int], head: int) -> float:
+    x = torch.tensor([ids], device=next(model.parameters()).device)
+    return float(rewards(model, x, torch.tensor([len(ids) - 1], device=x.device), head)[0])
+
+
+def _infill_ids(tok: Any, prefix: str, suffix: str) -> list[int]:
+    """The fill-in-the-middle prompt; INVALID_ARGUMENT for a tokenizer without the FIM tokens."""
+    try:
+        return infill_ids(tok, prefix, suffix)
+    except KeyError as e:
+        raise InvalidArgumentError(
+            "this model's tokenizer has no <|fim_prefix|>/<|fim_suffix|>/<|fim_middle|> tokens; "
+            "serve a kilnlm model trained with --fim-rate > 0",
+            "prefix",
+        ) from e
 
 
 def _loaded(snapshot: Snapshot) -> LoadedModel:

@@ -80,6 +80,14 @@ class Completion:
 
 
 @dataclass
+class Reward:
+    reward: float
+    """r(prompt, completion) under the served reward model; higher is preferred."""
+    num_tokens: int
+    model_version: int
+
+
+@dataclass
 class Score:
     token_ids: list[int]
     logprobs: list[float]
@@ -139,6 +147,8 @@ def from_proto(msg: Any) -> Any:
             num_bytes=msg.num_bytes,
             model_version=msg.model_version,
         )
+    if isinstance(msg, pb.RewardResponse):
+        return Reward(msg.reward, msg.num_tokens, msg.model_version)
     if isinstance(msg, pb.ModelInfo):
         return _model_info(msg)
     raise TypeError(f"no conversion for {type(msg).__name__}")
@@ -192,6 +202,36 @@ def _chat_request(
         messages=chat_messages(messages),
         sampling=sampling_proto(**sampling),
         request_id=request_id,
+        **_set(versions),
+    )
+
+
+def _infill_request(
+    prefix: str,
+    suffix: str,
+    request_id: str,
+    versions: dict[str, Any],
+    sampling: dict[str, Any],
+) -> pb.InfillRequest:
+    return pb.InfillRequest(
+        prefix=prefix,
+        suffix=suffix,
+        sampling=sampling_proto(**sampling),
+        request_id=request_id,
+        **_set(versions),
+    )
+
+
+def _reward_request(
+    completion: str,
+    prompt: str | None,
+    messages: Sequence[Mapping[str, str]] | None,
+    versions: dict[str, Any],
+) -> pb.RewardRequest:
+    return pb.RewardRequest(
+        completion=completion,
+        prompt=prompt or "",
+        messages=chat_messages(messages or []),
         **_set(versions),
     )
 
@@ -338,9 +378,50 @@ class Client:
         """The assistant's whole reply (chat defaults: temperature 0.7, top_p 0.9)."""
         return _collect(list(self.chat_stream(messages, **kwargs)))
 
+    def infill_stream(
+        self,
+        prefix: str,
+        suffix: str,
+        *,
+        timeout: float | None = None,
+        request_id: str = "",
+        min_version: int | None = None,
+        pin_version: int | None = None,
+        **sampling: Any,
+    ) -> Iterator[Delta]:
+        """Stream the middle between ``prefix`` and ``suffix`` (a model trained with FIM)."""
+        versions = {"min_version": min_version, "pin_version": pin_version}
+        request = _infill_request(prefix, suffix, request_id, versions, sampling)
+        call = self.stub.Infill(request, **self._opts(timeout))
+        try:
+            for msg in call:
+                yield from_proto(msg)
+        finally:
+            call.cancel()
+
+    def infill(self, prefix: str, suffix: str, **kwargs: Any) -> Completion:
+        """The whole middle: ``prefix + infill(prefix, suffix).text + suffix`` is the document."""
+        return _collect(list(self.infill_stream(prefix, suffix, **kwargs)))
+
     def score(self, text: str, *, timeout: float | None = None) -> Score:
         """Per-token log-probabilities of ``text``, its perplexity and bits per byte."""
         return from_proto(self.stub.Score(pb.ScoreRequest(text=text), **self._opts(timeout)))
+
+    def reward(
+        self,
+        completion: str,
+        *,
+        prompt: str | None = None,
+        messages: Sequence[Mapping[str, str]] | None = None,
+        timeout: float | None = None,
+        min_version: int | None = None,
+        pin_version: int | None = None,
+    ) -> Reward:
+        """The served reward model's r(prompt, completion); the prompt is ``prompt`` (one user
+        message) or ``messages`` (a conversation), as in preference JSONL."""
+        versions = {"min_version": min_version, "pin_version": pin_version}
+        request = _reward_request(completion, prompt, messages, versions)
+        return from_proto(self.stub.Reward(request, **self._opts(timeout)))
 
     def model_info(self, *, timeout: float | None = None) -> dict[str, Any]:
         return from_proto(self.stub.GetModelInfo(pb.GetModelInfoRequest(), **self._opts(timeout)))
@@ -453,6 +534,29 @@ class AsyncClient:
     async def chat(self, messages: Sequence[Mapping[str, str]], **kwargs: Any) -> Completion:
         return _collect([d async for d in self.chat_stream(messages, **kwargs)])
 
+    async def infill_stream(
+        self,
+        prefix: str,
+        suffix: str,
+        *,
+        timeout: float | None = None,
+        request_id: str = "",
+        min_version: int | None = None,
+        pin_version: int | None = None,
+        **sampling: Any,
+    ) -> AsyncIterator[Delta]:
+        versions = {"min_version": min_version, "pin_version": pin_version}
+        request = _infill_request(prefix, suffix, request_id, versions, sampling)
+        call = self.stub.Infill(request, **self._opts(timeout))
+        try:
+            async for msg in call:
+                yield from_proto(msg)
+        finally:
+            call.cancel()
+
+    async def infill(self, prefix: str, suffix: str, **kwargs: Any) -> Completion:
+        return _collect([d async for d in self.infill_stream(prefix, suffix, **kwargs)])
+
     async def score(self, text: str, *, timeout: float | None = None) -> Score:
         return from_proto(await self.stub.Score(pb.ScoreRequest(text=text), **self._opts(timeout)))
 
@@ -473,4 +577,13 @@ class AsyncClient:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
-__all__ = ["AsyncClient", "Client", "Completion", "Delta", "Finish", "Score", "checkpoint_uri"]
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "Completion",
+    "Delta",
+    "Finish",
+    "Reward",
+    "Score",
+    "checkpoint_uri",
+]

@@ -64,11 +64,13 @@ def test_services_and_version_fields():
         "Generate",
         "GenerateStream",
         "Chat",
+        "Infill",
         "Score",
+        "Reward",
         "GetModelInfo",
     }
     streaming = {m.name for m in generation.methods if m.server_streaming}
-    assert streaming == {"GenerateStream", "Chat"}
+    assert streaming == {"GenerateStream", "Chat", "Infill"}
     admin = admin_pb2.DESCRIPTOR.services_by_name["Admin"]
     assert set(admin.methods_by_name) == {
         "ListCheckpoints",

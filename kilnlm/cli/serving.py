@@ -11,6 +11,7 @@ the server's defaults (chat: temperature 0.7, top_p 0.9).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -28,6 +29,7 @@ def register(subparsers: Any) -> None:
     _register_generate(subparsers)
     _register_chat(subparsers)
     _register_score(subparsers)
+    _register_infill(subparsers)
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,3 +262,56 @@ def cmd_score(args: argparse.Namespace) -> int:
         f"(model version {result.model_version})"
     )
     return 0
+
+
+def _register_infill(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "infill",
+        help="write the middle between a prefix and a suffix (a model trained with --fim-rate)",
+    )
+    p.add_argument("--prefix", default=None, help="text before the gap")
+    p.add_argument("--suffix", default=None, help="text after the gap")
+    p.add_argument("--prefix-file", help="UTF-8 file holding the text before the gap")
+    p.add_argument("--suffix-file", help="UTF-8 file holding the text after the gap")
+    p.add_argument("--json", action="store_true", help="print the middle and its finish as JSON")
+    _client_flags(p)
+    _sampling_flags(p)
+    p.set_defaults(func=cmd_infill)
+
+
+def _text_arg(text: str | None, path: str | None, name: str) -> str:
+    if text is not None and path is not None:
+        raise SystemExit(f"kiln infill: give --{name} or --{name}-file, not both")
+    return Path(path).read_text(encoding="utf-8") if path is not None else (text or "")
+
+
+def cmd_infill(args: argparse.Namespace) -> int:
+    import grpc
+
+    prefix = _text_arg(args.prefix, args.prefix_file, "prefix")
+    suffix = _text_arg(args.suffix, args.suffix_file, "suffix")
+    try:
+        with _client(args) as client:
+            if args.json:
+                done = client.infill(prefix, suffix, **_sampling(args))
+                finish = done.finish
+                summary = {"middle": done.text, **{k: getattr(finish, k) for k in _FINISH_KEYS}}
+                print(json.dumps(summary, indent=2))
+                return 0
+            finish = None
+            for delta in client.infill_stream(prefix, suffix, **_sampling(args)):
+                print(delta.text, end="", flush=True)
+                finish = delta.finish or finish
+            print()
+    except grpc.RpcError as e:
+        return _rpc_error("infill", e)
+    if finish is not None:
+        print(
+            f"[{finish.finish_reason}: {finish.completion_tokens} tokens, model version "
+            f"{finish.model_version}]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+_FINISH_KEYS = ("finish_reason", "completion_tokens", "model_version", "seed", "request_id")
