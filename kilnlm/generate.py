@@ -44,7 +44,14 @@ from kilnlm.decoding import (
 )
 from kilnlm.errors import InvalidArgumentError
 from kilnlm.model import KVCache, ModelConfig, Transformer, kv_cache_bytes_per_token
-from kilnlm.sampling import SamplingParams, make_generator, process_logits, sample, token_logprobs
+from kilnlm.sampling import (
+    SamplingParams,
+    apply_allowed_token_ids,
+    make_generator,
+    process_logits,
+    sample,
+    token_logprobs,
+)
 
 # --------------------------------------------------------------------------------------------
 # Results
@@ -123,7 +130,11 @@ class _Rows:
         prev = [r.sequence for r in rows] if penalised else None
         tokens = sample(process_logits(logits, params, prev), params, [r.generator for r in rows])
         n_top = max((p.logprobs for p in params if p.logprobs is not None), default=None)
-        lp = token_logprobs(logits, tokens, n_top) if n_top is not None else None
+        lp = (
+            token_logprobs(apply_allowed_token_ids(logits, params), tokens, n_top)
+            if n_top is not None
+            else None
+        )
         for j, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
             entry = _logprob_entry(lp, j, token, row.params.logprobs) if lp is not None else None
             row.out.append(token, entry)

@@ -87,8 +87,14 @@ class SamplingParams:
     """Beam search ranks finished beams by sum_logprobs / len**length_penalty (HF convention)."""
     logprobs: int | None = None
     """Return the chosen token's logprob and this many top logprobs per token (0..20); None: none."""
+    allowed_token_ids: list[int] | None = None
+    """Only these ids may be drawn: every other logit is -inf and the rest renormalise, before
+    the filters and for the returned logprobs too (they are then the restricted distribution's,
+    the one the token was drawn from: RL's importance weight needs it). None: every id."""
 
     def __post_init__(self) -> None:
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(self.allowed_token_ids)
         if isinstance(self.stop, str):  # a lone string would otherwise be split into characters
             self.stop = [self.stop]
         self.stop = list(self.stop)
@@ -139,6 +145,13 @@ class SamplingParams:
             _require(
                 "stop_token_ids", _is_int(t) and t >= 0, "a list of ints >= 0", self.stop_token_ids
             )
+        allowed = self.allowed_token_ids
+        _require(
+            "allowed_token_ids",
+            allowed is None or (len(allowed) > 0 and all(_is_int(t) and t >= 0 for t in allowed)),
+            "None or a non-empty list of ints >= 0",
+            allowed,
+        )
 
     @property
     def greedy(self) -> bool:
@@ -238,6 +251,28 @@ def _row_tensor(params: Sequence[SamplingParams], name: str, dtype: torch.dtype)
     return torch.tensor([getattr(p, name) for p in params], dtype=dtype)
 
 
+def apply_allowed_token_ids(logits: Tensor, params: Sequence[SamplingParams]) -> Tensor:
+    """Rows whose params name ``allowed_token_ids``: every other id at -inf (others unchanged).
+
+    Ids at or past the vocabulary are ignored (a row left with no id raises, naming the field)."""
+    if all(p.allowed_token_ids is None for p in params):
+        return logits
+    V = logits.shape[-1]
+    keep = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)  # (B, V)
+    for i, p in enumerate(params):
+        if p.allowed_token_ids is not None:
+            ids = [t for t in p.allowed_token_ids if t < V]
+            if not ids:
+                raise InvalidArgumentError(
+                    f"allowed_token_ids has no id below the vocabulary size {V}; "
+                    "give ids of this model's tokenizer",
+                    field="allowed_token_ids",
+                )
+            keep[i] = False
+            keep[i, ids] = True
+    return logits.masked_fill(~keep, float("-inf"))
+
+
 def process_logits(
     logits: Tensor,
     params: Sequence[SamplingParams],
@@ -245,7 +280,7 @@ def process_logits(
 ) -> Tensor:
     """The logits (B, V) that ``sample`` draws from, in float32, filtered tokens at -inf.
 
-    Order as HF's ``generate``: repetition penalty (on ``prev_tokens``, prompt + output, when
+    Order: the ``allowed_token_ids`` restriction, then as HF's ``generate``: repetition penalty (on ``prev_tokens``, prompt + output, when
     given), temperature, top-k, top-p, min-p. Greedy rows (``SamplingParams.greedy``) get only the
     repetition penalty: the filters never remove the argmax, so there is nothing else to do.
     Filtering runs in float32 even for bf16 models: top-p's cumulative sum is too coarse in bf16.
@@ -255,7 +290,7 @@ def process_logits(
             f"logits must be (batch, vocab) with one SamplingParams per row; got logits of shape "
             f"{tuple(logits.shape)} and {len(params)} params"
         )
-    x = logits.float()
+    x = apply_allowed_token_ids(logits.float(), params)
     greedy = torch.tensor([p.greedy for p in params])  # (B,)
     if prev_tokens is not None and any(p.repetition_penalty != 1 for p in params):
         seen = seen_mask(prev_tokens, x.shape[-1], x.device)
@@ -336,6 +371,7 @@ __all__ = [
     "MAX_LOGPROBS",
     "Logprobs",
     "SamplingParams",
+    "apply_allowed_token_ids",
     "apply_min_p",
     "apply_repetition_penalty",
     "apply_temperature",

@@ -50,7 +50,13 @@ from kilnlm.engine.serving import ServingState, Snapshot, VersionError, VersionR
 from kilnlm.engine.weights import StagedWeights, SwapMode, SwapReport, prepare
 from kilnlm.errors import InvalidArgumentError
 from kilnlm.model import Transformer, kv_cache_bytes_per_token
-from kilnlm.sampling import SamplingParams, process_logits, sample, token_logprobs
+from kilnlm.sampling import (
+    SamplingParams,
+    apply_allowed_token_ids,
+    process_logits,
+    sample,
+    token_logprobs,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -401,7 +407,11 @@ class LLMEngine:
         prev = [r.seqs[0].tokens for r in rows] if penalised else None
         tokens = sample(process_logits(logits, params, prev), params, [r.generator for r in rows])
         n_top = max((p.logprobs for p in params if p.logprobs is not None), default=None)
-        lp = token_logprobs(logits, tokens, n_top) if n_top is not None else None
+        lp = (
+            token_logprobs(apply_allowed_token_ids(logits, params), tokens, n_top)
+            if n_top is not None
+            else None
+        )
         for j, (request, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
             entry = None
             if lp is not None and request.params.logprobs is not None:
