@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from kilnlm.checkpoint import remote
 from kilnlm.serving_config import ServeConfig
 
 DEFAULT_HELDOUT_BYTES = 64_000
@@ -92,8 +93,11 @@ def serve_with_orchestrator(
     from kilnlm.actors import serve_app
 
     registry = registry or default_registry(config.app_name)
-    if config.checkpoint is not None:  # the same path for the replicas and the registry
-        config = replace(config, checkpoint=os.path.abspath(config.checkpoint))
+    if config.checkpoint is not None:  # the same path (or URI) for the replicas and the registry
+        ckpt = config.checkpoint
+        config = replace(
+            config, checkpoint=ckpt if remote.is_remote(ckpt) else os.path.abspath(ckpt)
+        )
     orchestrator = start(config, registry, heldout)
     say(f"kiln: orchestrator for {config.app_name!r}, registry in {registry}")
     address = serve_app.run(config)

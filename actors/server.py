@@ -39,6 +39,7 @@ from kilnlm.actors.protocol import (
 from kilnlm.actors.serving_model import ServingModel
 from kilnlm.actors.streaming import StreamShape, coalesce
 from kilnlm.actors.swap_agent import SwapAgent
+from kilnlm.checkpoint import remote
 from kilnlm.serving_config import ServeConfig
 
 METRICS_PERIOD_S = 1.0
@@ -100,12 +101,16 @@ class LLMServer:
     async def __init__(self, config: ServeConfig) -> None:
         torch.set_num_threads(config.torch_threads)
         self.model = ServingModel(config)
-        if config.checkpoint is not None:
-            await self.model.load(config.checkpoint, config.version)
+        sources: dict[str, str] = {}
+        if config.checkpoint is not None:  # s3://, gs://: this node's verified cached copy
+            path = await asyncio.to_thread(remote.local_dir, config.checkpoint)
+            if remote.is_remote(config.checkpoint):
+                sources[path] = config.checkpoint
+            await self.model.load(path, config.version)
         # [orchestrator] The replica side of the hot-swap protocol (actors/swap_agent.py): attach
         # to the application's orchestrator, if one runs, and load its promoted version before
         # this constructor returns, so Serve never routes to an old or empty replica.
-        self.swap_agent = await SwapAgent.start_in_replica(self.model)
+        self.swap_agent = await SwapAgent.start_in_replica(self.model, sources=sources)
         self.metrics = ReplicaMetrics()
         self.kiln_metrics = KilnMetrics(config.model_id)  # vLLM's series (actors/metrics.py)
         self._tokens_total = 0

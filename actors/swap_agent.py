@@ -211,6 +211,7 @@ class SwapAgent:
         actor_name: str | None = None,
         namespace: str | None = None,
         retry_s: float = 2.0,
+        sources: dict[str, str] | None = None,
     ) -> None:
         self.model, self.link, self.replica_id = model, link, replica_id
         self.energy = EnergyMeter("process")  # the replica's process: its own tokens' energy
@@ -226,14 +227,20 @@ class SwapAgent:
         self._executed = 0
         self._commands: asyncio.Queue[Command] = asyncio.Queue()
         self._model_lock = asyncio.Lock()  # stage/commit/abort/load run one at a time
-        self._sources: dict[str, str] = {}
-        """Local cache folder -> the object-store URI it was fetched from."""
+        self._sources: dict[str, str] = dict(sources or {})
+        """Local cache folder -> the object-store URI it was fetched from (``sources``: those
+        the replica loaded before its agent existed, ``kiln serve --checkpoint s3://…``)."""
         self._tasks: list[asyncio.Task[None]] = []
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     @classmethod
-    async def start_in_replica(cls, model: ServingModel, sync_timeout_s: float = 60.0) -> SwapAgent:
+    async def start_in_replica(
+        cls,
+        model: ServingModel,
+        sync_timeout_s: float = 60.0,
+        sources: dict[str, str] | None = None,
+    ) -> SwapAgent:
         """The agent of the Serve replica this runs in, synced before the constructor returns."""
         import ray
         from ray import serve
@@ -246,6 +253,7 @@ class SwapAgent:
             replica_id=f"{context.deployment}#{context.replica_tag}",
             actor_name=runtime.get_actor_name(),
             namespace=runtime.namespace,
+            sources=sources,
         )
         await agent.start(sync_timeout_s)
         return agent

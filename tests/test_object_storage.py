@@ -20,12 +20,13 @@ import torch
 pytest.importorskip("moto.server")
 
 from serving_utils import TEXT
-from test_orchestrator import Cluster, config, export, run
+from test_orchestrator import SERVE, Cluster, config, export, run
 
 from kilnlm import checkpoint
 from kilnlm.actors.orchestrator import CheckpointRejected
 from kilnlm.actors.registry import Registry
-from kilnlm.actors.swap_agent import Command
+from kilnlm.actors.serving_model import ServingModel
+from kilnlm.actors.swap_agent import Command, DirectLink, SwapAgent
 from kilnlm.checkpoint import remote
 from kilnlm.errors import SwapEnvironmentError
 from kilnlm.tokenizer import Tokenizer
@@ -261,6 +262,33 @@ def test_orchestrator_registers_gates_and_hot_swaps_from_s3(s3, local, tmp_path,
     keys = {checkpoint.read_manifest(local[n]).content_sha256() for n in ("v1", "v2")}
     cached = {p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")}
     assert cached == keys
+
+
+def test_a_replica_started_on_a_bucket_uri_keeps_its_version_number(
+    s3, local, tmp_path, monkeypatch
+):
+    """``kiln serve --checkpoint s3://…``: the replica loads its cached copy before its agent
+    exists; the agent reports the URI, so registering that URI keeps the number it serves
+    under and promoting it loads nothing again."""
+    monkeypatch.setenv(remote.CACHE_ENV, str(tmp_path / "cache"))
+    uri = f"{s3}/serve/a"
+    remote.upload_export(local["v1"], uri)
+    cfg = config(tmp_path, local, storage_path=f"{s3}/serve/registry")
+
+    async def body(c: Cluster) -> None:
+        model = ServingModel(SERVE)
+        path = remote.local_dir(uri)
+        await model.load(path, 3)
+        agent = SwapAgent(model, DirectLink(c.orchestrator), "r0", sources={path: uri})
+        await agent.start(sync_timeout_s=30)
+        c.models.append(model)
+        c.agents.append(agent)
+        assert await c.orchestrator.register(uri) == 3
+        swap = await c.orchestrator.promote(3)
+        assert swap.outcome == "ok" and all(r.skipped for r in swap.replicas.values())
+        assert c.versions() == [3]
+
+    run(cfg, body)
 
 
 def test_an_unreachable_bucket_leaves_the_version_registered_not_rejected(

@@ -88,11 +88,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from kilnlm import checkpoint
 
     config = serve_config(args)
-    if config.checkpoint is not None and not Path(config.checkpoint).is_dir():
+    remote = config.checkpoint is not None and checkpoint.remote.is_remote(config.checkpoint)
+    if config.checkpoint is not None and not remote and not Path(config.checkpoint).is_dir():
         raise FileNotFoundError(f"checkpoint directory {config.checkpoint} does not exist")
     if config.checkpoint is not None:  # what the replica would refuse, said here in one line
-        try:
-            checkpoint.check_servable(config.checkpoint)  # adopts a Hugging Face directory
+        try:  # s3://, gs://: fetched and verified into this node's cache, which replicas reuse
+            checkpoint.check_servable(checkpoint.remote.local_dir(config.checkpoint))
         except checkpoint.CheckpointError as e:
             print(f"kiln serve: error: {e}", file=sys.stderr)
             return 2
