@@ -261,7 +261,8 @@ def launch_posttrain(
     result = launch_spec(spec, raise_on_error=False)
     if result.error is not None or not result.exports:
         return None, result
-    return finish(result.exports[-1], prep, cfg), result
+    # A bucket's export is scored from this machine's verified cached copy.
+    return finish(remote.local_dir(result.exports[-1]), prep, cfg), result
 
 
 def build_trainer(spec: WorkerSpec, gpu: bool, sink: Any) -> TorchTrainer:

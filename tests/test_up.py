@@ -206,13 +206,16 @@ def test_cluster_flags_reach_the_job_unchanged() -> None:
     assert job.cluster.storage_path == "/k"
 
 
-def test_object_store_storage_is_refused_naming_the_field() -> None:
+def test_object_store_storage_needs_a_prebuilt_corpus_and_keeps_the_registry_there() -> None:
     from kilnlm.actors.up_app import UpConfig, default_job
 
     job = default_job()
     job = replace(job, cluster=replace(job.cluster, storage_path="s3://bucket/kiln"))
-    with pytest.raises(ValueError, match="storage_path"):
+    with pytest.raises(ValueError, match="--data"):
         UpConfig(job=job)
+    config = UpConfig(job=replace(job, data_dir="/data/corpus"))
+    assert config.registry_uri == f"s3://bucket/kiln/{job.cluster.name}/orchestrator"
+    assert not str(config.run_dir).startswith("s3:")
 
 
 @pytest.mark.ray

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kilnlm.cluster.config import ClusterConfig, JobConfig
+from kilnlm.checkpoint import remote
+from kilnlm.cluster.config import ClusterConfig, JobConfig, join_uri
 from kilnlm.energy import EnergyConfig
 from kilnlm.engine import EngineConfig
 from kilnlm.serving_config import ServeConfig
@@ -146,16 +147,26 @@ class UpConfig:
                 "TrainConfig.checkpoint_every must be >= 1 under kiln up: each checkpoint is a "
                 "version to promote (0 would promote only the last)"
             )
-        storage = self.job.cluster.storage_path
-        if "://" in storage and not storage.startswith("file://"):
+        if remote.is_remote(self.job.cluster.storage_path) and self.job.data_dir is None:
             raise ValueError(
-                f"ClusterConfig.storage_path {storage!r}: kiln up serves checkpoints from a "
-                "filesystem every replica can read, and the orchestrator keeps its registry "
-                "there; pass --storage-path on a shared mount (NFS, EFS, Filestore, or a bucket "
-                "mounted with FUSE) instead of an object-store URI"
+                "ClusterConfig.storage_path is object storage: build the corpus first (kiln "
+                "corpus --out DIR on a filesystem every node reads) and pass it as --data"
             )
 
     @property
+    def run_uri(self) -> str:
+        """The run's folder or object-store prefix: checkpoints, exports and the registry."""
+        return self.job.cluster.run_uri.removeprefix("file://")
+
+    @property
+    def registry_uri(self) -> str:
+        """Where the orchestrator keeps registry.json (in the run, so a restart finds it)."""
+        return join_uri(self.run_uri, "orchestrator")
+
+    @property
     def run_dir(self) -> Path:
-        """The run's folder: checkpoints, exports, metrics, the registry and the summary."""
-        return Path(self.job.cluster.run_uri.removeprefix("file://"))
+        """A local folder for the summary: the run's folder, or ``<name>-metrics`` here (beside
+        the driver's metrics) when the run is in object storage."""
+        if remote.is_remote(self.run_uri):
+            return Path(self.job.cluster.name + "-metrics").absolute()
+        return Path(self.run_uri)

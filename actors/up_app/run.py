@@ -109,7 +109,7 @@ class UpRun:
         from kilnlm.actors.orchestrator import OrchestratorConfig, start_orchestrator
 
         config = OrchestratorConfig(
-            storage_path=str(self.config.run_dir / "orchestrator"),
+            storage_path=self.config.registry_uri,
             heldout=str(self.config.job.data_dir),
             app_name=self.config.serve.app_name,
             policy="auto",
@@ -192,6 +192,7 @@ class UpRun:
             energy=self.energy(),
         )
         path = self.config.run_dir / "up-summary.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary.to_dict(), indent=2, default=str))
         return summary
 
@@ -259,7 +260,7 @@ def check_no_foreign_orchestrator(config: UpConfig) -> None:
     except ValueError:
         return
     status = ray.get(existing.status.remote(), timeout=30)
-    ours = str(config.run_dir)
+    ours = config.run_uri
     foreign = [r.path for r in status.checkpoints if not r.path.startswith(ours)]
     if foreign:
         raise ValueError(
