@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "kilnlm.cli.posttrain",  # finetune, reward train|score, dpo
     "kilnlm.cli.admin",  # status, promote, rollback
     "kilnlm.cli.up",  # up (the main job)
+    "kilnlm.cli.rl",  # rl (the live RL loop)
 )
 
 
