@@ -183,6 +183,9 @@ def test_two_processes_on_one_node_download_a_checkpoint_once(s3, local, tmp_pat
 def test_storage_env_forwards_only_storage_settings():
     env = {"AWS_ENDPOINT_URL": "http://x", "GOOGLE_CLOUD_PROJECT": "p", "HOME": "/root"}
     assert remote.storage_env(env) == {"AWS_ENDPOINT_URL": "http://x", "GOOGLE_CLOUD_PROJECT": "p"}
+    keys = {"AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "s", "AWS_SESSION_TOKEN": "t"}
+    assert remote.storage_env(keys) == keys  # a Ray this process starts itself
+    assert remote.storage_env(keys, secrets=False) == {"AWS_ACCESS_KEY_ID": "id"}  # a shared one
     assert remote.local_dir("file:///tmp/x") == "/tmp/x"
 
 
