@@ -71,6 +71,33 @@ def write_csv(path: Path, records: list[IterationRecord]) -> None:
         writer.writerows(rows)
 
 
+def plot_reward_kl(records: list[IterationRecord], path: Path, title: str = "") -> Path | None:
+    """Mean reward against KL(πθ‖π0) of the served policy per iteration (the exact figures of
+    the new version on the toy, else the samples' estimate); None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r.kl_estimate for r in records], [r.mean_reward for r in records], "o-",
+            label="served samples (estimate)")  # fmt: skip
+    exact = [(r.exact["kl_to_reference"], r.exact["exact_mean_reward"]) for r in records if r.exact]
+    if exact:
+        ax.plot(*zip(*exact, strict=True), "s--", label="new version (exact, toy)")
+    ax.set_xlabel("KL(πθ‖π0) (nats)")
+    ax.set_ylabel("mean reward")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def format_record(r: IterationRecord) -> str:
     line = (
         f"iter {r.iteration:>3}  v{r.version}->v{r.new_version}  reward {r.mean_reward:.3f}  "
@@ -111,6 +138,8 @@ def run_live(
         "iterations": [row(r) for r in loop.records],
         "versions": loop.toy_json(toy.spec)["versions"] if toy else None,
     }
+    png = plot_reward_kl(loop.records, out / "reward-kl.png", f"kiln rl, β {cfg.beta:g}")
+    summary["png"] = None if png is None else str(png)
     if toy is not None:
         write_toy_json(out / "toy.json", loop, toy.spec)
         summary["toy_json"] = str(out / "toy.json")

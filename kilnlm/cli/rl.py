@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=int, default=8, help="samples per prompt (default 8)")
     p.add_argument("--iterations", type=int, default=3, help="sample/update/swap rounds")
     p.add_argument("--steps", type=int, default=1, help="optimiser steps per iteration")
-    p.add_argument("--lr", type=float, default=3e-2, help="learning rate (default 3e-2)")
+    p.add_argument("--lr", type=float, default=3e-3, help="learning rate (default 3e-3)")
     p.add_argument("--max-staleness", type=int, default=1, help="versions a sample may lag")
     p.add_argument("--max-tokens", type=int, default=16, help="longest completion (not --toy)")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers")
