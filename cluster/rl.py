@@ -278,6 +278,10 @@ class RLLoop:
         return result.exports[-1], time.perf_counter() - start
 
     def worker_spec(self, plugin: RLPlugin, iteration: int) -> WorkerSpec:
+        """Every update continues one Ray Train run (same name and storage; ``max_steps`` grows
+        by ``steps``): it resumes from the previous update's checkpoint, so AdamW's moments carry
+        over from iteration to iteration as in the in-process reference, and its weights are the
+        served export's (the export of that same checkpoint)."""
         import json
 
         from kilnlm.checkpoint import config_from_hf
@@ -287,13 +291,13 @@ class RLLoop:
         model_cfg = config_from_hf(json.loads((parent / "config.json").read_text()))
         train = TrainConfig(
             objective="rl", lr=self.cfg.lr, min_lr=self.cfg.lr, warmup_steps=0,
-            max_steps=self.cfg.steps, batch_size=plugin.batch_size,
+            max_steps=(len(self.records) + 1) * self.cfg.steps, batch_size=plugin.batch_size,
             seq_len=model_cfg.block_size, eval_every=0, log_every=1,
             checkpoint_every=self.cfg.steps, weight_decay=0.0, seed=self.cfg.seed + iteration,
         )  # fmt: skip
         cluster = ClusterConfig(
             workers=self.cfg.workers, storage_path=str(Path(self.cfg.out).absolute() / "train"),
-            name=f"rl-{iteration:04d}", progress=False, num_to_keep=1, cpus_per_worker=0.5,
+            name="rl-policy", progress=False, num_to_keep=1, cpus_per_worker=0.5,
             checkpoint_upload="sync",
         )  # fmt: skip
         return WorkerSpec(
