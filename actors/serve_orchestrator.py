@@ -36,7 +36,8 @@ def default_registry(app_name: str) -> str:
 
 def default_heldout(directory: Path, min_bytes: int = DEFAULT_HELDOUT_BYTES) -> Path:
     """``directory/heldout.txt``: the default corpus's held-out documents (written once)."""
-    from kilnlm.data import CorpusConfig, default_corpus, heldout_score
+    from kilnlm.data import CorpusConfig, heldout_score
+    from kilnlm.documents import default_corpus
 
     file = directory / "heldout.txt"
     if file.is_file():

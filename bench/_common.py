@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from kilnlm.checkpoint import save_pretrained
-from kilnlm.data import default_corpus
+from kilnlm.documents import default_corpus
 from kilnlm.model import ModelConfig, Transformer
 from kilnlm.tokenizer import Tokenizer
 

@@ -26,7 +26,8 @@ from _common import machine_note
 
 from kilnlm.cli.corpus import corpus_summary
 from kilnlm.cluster.corpus import build_corpus_ray
-from kilnlm.data import CorpusConfig, CorpusManifest, build_corpus
+from kilnlm.data import CorpusConfig, build_corpus
+from kilnlm.shards import CorpusManifest
 
 
 def timed(build: Any, out: Path, label: str, workers: int) -> dict[str, Any]:

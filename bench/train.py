@@ -43,8 +43,9 @@ from kilnlm.cluster.checkpointing import (
     verify_checkpoint,
 )
 from kilnlm.cluster.config import ClusterConfig, JobConfig
-from kilnlm.data import CorpusConfig, CorpusManifest, TokenShards, build_corpus, get_batch
+from kilnlm.data import CorpusConfig, build_corpus
 from kilnlm.model import ModelConfig, Transformer, num_params
+from kilnlm.shards import CorpusManifest, TokenShards, get_batch
 from kilnlm.train import TrainConfig, build_optimizer, train, train_step
 
 

@@ -16,7 +16,7 @@ checkable: ``verify_checkpoint`` wants one manifest per rank and every listed fi
 names the first file that is not. A checkpoint that fails is never resumed from or exported:
 ``find_resume_checkpoint`` falls back to the newest older one that passes.
 
-Why the data position is just the step: ``kilnlm.data.get_batch`` is a pure function of
+Why the data position is just the step: ``kilnlm.shards.get_batch`` is a pure function of
 (step, rank, seed), so restoring the step restores the sampler. The learning-rate schedule is a
 pure function of the step too (``kilnlm.train.lr_at``). Only the RNG state needs storing; it is
 kept as base64 JSON. The optimizer's tensors go through DCP and its settings (``param_groups``)

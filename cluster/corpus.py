@@ -36,29 +36,28 @@ import ray
 from tqdm.auto import tqdm
 
 from kilnlm.data import (
-    JSONL_SUFFIXES,
     SPLITS,
-    TEXT_SUFFIXES,
     TOKENIZER_NAME,
     CorpusConfig,
-    CorpusManifest,
-    Document,
-    SplitInfo,
-    _list_files,
     _remove_outputs,
     _reusable,
     _ShardWriter,
     _StageClock,
-    _stdlib_files,
     corpus_fingerprint,
-    decode_text,
     heldout_mask,
     heldout_score,
-    parse_jsonl,
     save_manifest,
-    stdlib_root,
-    token_dtype,
     tokenizer_texts,
+)
+from kilnlm.documents import (
+    JSONL_SUFFIXES,
+    TEXT_SUFFIXES,
+    Document,
+    _list_files,
+    _stdlib_files,
+    decode_text,
+    parse_jsonl,
+    stdlib_root,
     within_caps,
 )
 from kilnlm.filters import (
@@ -70,6 +69,7 @@ from kilnlm.filters import (
     clean_text,
     dedup_key,
 )
+from kilnlm.shards import CorpusManifest, SplitInfo, token_dtype
 from kilnlm.tokenizer import Tokenizer
 
 PARQUET_SUFFIXES = (".parquet",)

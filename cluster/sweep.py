@@ -103,8 +103,8 @@ def train_point(flops: float, cfg: SweepConfig, data_dir: str) -> SweepPoint:
     """One run of the sweep (runs inside a Ray task, or anywhere)."""
     import torch
 
-    from kilnlm.data import CorpusManifest, TokenShards, get_batch, steps_per_epoch
     from kilnlm.model import Transformer, num_params
+    from kilnlm.shards import CorpusManifest, TokenShards, get_batch, steps_per_epoch
     from kilnlm.train import TrainConfig, train
 
     torch.set_num_threads(1)

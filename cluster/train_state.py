@@ -1,6 +1,6 @@
 """What a training checkpoint holds besides the tensors: one rank's ``TrainState``.
 
-Why the data position is just the step: ``kilnlm.data.get_batch`` is a pure function of
+Why the data position is just the step: ``kilnlm.shards.get_batch`` is a pure function of
 (step, rank, seed), so restoring the step restores the sampler, and the learning-rate schedule is
 a pure function of the step too (``kilnlm.train.lr_at``). Only the RNG state needs storing; it
 is kept as base64 JSON, so nothing here is ever unpickled.

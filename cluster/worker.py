@@ -4,7 +4,7 @@ Each rank builds the model from the library on the meta device, shards it with F
 materialises only its own shard, with the values a whole build from the seed would have
 (``cluster.parallelize.build_model``, which also applies the memory levers); it then repeats
 the library's ``train_step`` on its own slice of the data: micro-batch i of rank r is
-``kilnlm.data.get_batch(shards, ..., step=i, rank=r, world_size=W)``, disjoint from every other
+``kilnlm.shards.get_batch(shards, ..., step=i, rank=r, world_size=W)``, disjoint from every other
 rank's and a pure function of (i, r, seed). Every ``log_every`` steps all ranks average their
 numbers and call ``ray.train.report``; every ``checkpoint_every`` steps they also write a sharded
 checkpoint, and rank 0 hands a consolidated copy of the weights to a background export.
@@ -45,10 +45,10 @@ from kilnlm.cluster.config import ClusterConfig, join_uri
 from kilnlm.cluster.hooks import CheckpointHook
 from kilnlm.cluster.metrics import device_peak_tflops, mfu
 from kilnlm.cluster.parallelize import build_model, is_sharded, local_fraction
-from kilnlm.data import TokenShards, get_batch, steps_per_epoch
 from kilnlm.mlm import MaskingConfig, evaluate_mlm, mask_tokens, mlm_generator
 from kilnlm.model import ModelConfig, Transformer, flops_per_token
 from kilnlm.posttrain.plugin import PostTrainPlugin
+from kilnlm.shards import TokenShards, get_batch, steps_per_epoch
 from kilnlm.tokenizer import Tokenizer
 from kilnlm.train import (
     TOKEN_LOSS,

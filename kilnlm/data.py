@@ -10,8 +10,8 @@
 
 Each split is one stream of token ids in which every document is followed by ``<|eos|>``, cut
 into shards of at most ``shard_tokens`` ids so a reader memory-maps only what it touches.
-``TokenShards`` reads any slice of a split; ``get_batch`` turns a split into reproducible
-training batches for any (step, rank).
+Reading the sources is ``kilnlm.documents``; reading the built directory (``TokenShards``,
+``get_batch``) is ``kilnlm.shards``.
 
 The default corpus is the Python standard library's own sources (docstrings included), found
 through ``sysconfig``: every machine with Python has it, so the main job needs no download.
@@ -21,51 +21,40 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
-import sysconfig
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tokenizers
-import torch
 from tqdm.auto import tqdm
 
-from kilnlm.filters import (  # noqa: F401 (re-exported: they lived here before filters.py)
-    GENERATED_HEAD_LINES,
-    GENERATED_MARKERS,
-    FilterStats,
-    MinHasher,
-    clean_text,
-    dedup_key,
-    is_generated,
-    lsh_bands,
-    near_duplicate_mask,
-    non_text_ratio,
-    normalize_for_dedup,
-    quality_reason,
-    repeated_line_ratio,
+from kilnlm.documents import (
+    Document,
+    _list_files,
+    _stdlib_files,
+    default_corpus,
+    hash64,
+    iter_documents,
+    take,
 )
+from kilnlm.filters import FilterStats, clean_text, dedup_key, near_duplicate_mask
 from kilnlm.fim import FimConfig, encode_documents
+from kilnlm.shards import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    CorpusManifest,
+    ShardInfo,
+    SplitInfo,
+    token_dtype,
+)
 from kilnlm.tokenizer import Tokenizer
 
-TEXT_SUFFIXES = (".txt", ".md", ".py")
-JSONL_SUFFIXES = (".jsonl",)
-MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.json"
 SPLITS = ("train", "heldout")
-FORMAT_VERSION = 1
-
-# Folders of the standard library that are not its own text: installed packages, bytecode.
-_STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
-# Test suites are left out of the default corpus unless asked for: they are 60% of the stdlib's
-# .py bytes and full of deliberately malformed, repetitive or machine-generated fixtures.
-_STDLIB_TEST_DIRS = frozenset({"test", "tests", "idle_test"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,7 +68,7 @@ class CorpusConfig:
     sources: list[str] = field(default_factory=list)
     """Files or folders of .txt/.md/.py/.jsonl; empty means the default corpus (the stdlib)."""
     include_stdlib_tests: bool = False
-    """Default corpus only: also read the stdlib's test suites (off: see _STDLIB_TEST_DIRS)."""
+    """Default corpus only: also read the stdlib's test suites (off: see documents._STDLIB_TEST_DIRS)."""
     min_chars: int = 200
     """Documents shorter than this are dropped (empty ``__init__.py`` files, stubs)."""
     max_chars: int = 1_000_000
@@ -164,133 +153,7 @@ def _check(ok: bool, name: str, rule: str, value: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Reading
-
-
-@dataclass(frozen=True)
-class Document:
-    """One unit of text: filtered, deduplicated and split as a whole."""
-
-    text: str
-    source: str
-    """Where it came from: a path, ``path:line`` for JSONL, ``stdlib:<relative path>``."""
-
-
-def iter_documents(paths: Iterable[str | Path]) -> Iterator[Document]:
-    """Documents from files and folders (searched recursively, in sorted order).
-
-    .txt/.md/.py files are one document each (bytes that are not UTF-8 become U+FFFD, which the
-    non-text filter then counts); each line of a .jsonl file is ``{"text": ...}``.
-    """
-    for path in _list_files(paths):
-        text = decode_text(path.read_bytes())
-        if path.suffix in JSONL_SUFFIXES:
-            yield from parse_jsonl(text, str(path))
-        else:
-            yield Document(text, str(path))
-
-
-def decode_text(raw: bytes) -> str:
-    """A file's bytes as ``Path.read_text(encoding="utf-8", errors="replace")`` reads them: bytes
-    that are not UTF-8 become U+FFFD, and \\r\\n or \\r line ends become \\n. Both builders
-    read through this one function, so they see the same text."""
-    return raw.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
-
-
-def _list_files(
-    paths: Iterable[str | Path], suffixes: tuple[str, ...] = TEXT_SUFFIXES + JSONL_SUFFIXES
-) -> Iterator[Path]:
-    for raw in paths:
-        path = Path(raw)
-        if path.is_file():
-            yield path
-        elif path.is_dir():
-            found = (p for p in path.rglob("*") if p.suffix in suffixes and p.is_file())
-            yield from sorted(found)
-        else:
-            raise FileNotFoundError(
-                f"corpus source {path} does not exist; fix CorpusConfig.sources"
-            )
-
-
-def parse_jsonl(text: str, path: str) -> Iterator[Document]:
-    """The ``{"text": ...}`` records of a JSONL file's text, named ``path:line``."""
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(
-                f"{path}:{lineno} is not valid JSON ({e.msg}); fix or remove it"
-            ) from e
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ValueError(f'{path}:{lineno} must be a JSON object with a string "text" field')
-        yield Document(record["text"], f"{path}:{lineno}")
-
-
-def stdlib_root() -> Path:
-    """The standard library folder of the running Python (``sysconfig``'s "stdlib" path)."""
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
-def _stdlib_files(include_tests: bool) -> list[Path]:
-    """The stdlib's text files in a fixed pseudo-random order (hash of the relative path).
-
-    Sorted by name, a capped corpus would be all ``asyncio`` and ``collections``; hashing the path
-    mixes modules while staying identical from run to run and machine to machine.
-    """
-    root = stdlib_root()
-    skip = _STDLIB_SKIP_DIRS if include_tests else _STDLIB_SKIP_DIRS | _STDLIB_TEST_DIRS
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in skip]
-        files += [Path(dirpath, f) for f in filenames if f.endswith(TEXT_SUFFIXES)]
-    return sorted(files, key=lambda p: _hash64(p.relative_to(root).as_posix()))
-
-
-def default_corpus(
-    max_documents: int | None = None, max_bytes: int | None = None, include_tests: bool = False
-) -> Iterator[Document]:
-    """The Python standard library's sources as documents, with optional caps (see ``take``)."""
-    root = stdlib_root()
-
-    def docs() -> Iterator[Document]:
-        for path in _stdlib_files(include_tests):
-            text = decode_text(path.read_bytes())
-            yield Document(text, f"stdlib:{path.relative_to(root).as_posix()}")
-
-    return take(docs(), max_documents, max_bytes)
-
-
-def take(
-    docs: Iterable[Document], max_documents: int | None = None, max_bytes: int | None = None
-) -> Iterator[Document]:
-    """At most ``max_documents`` documents whose UTF-8 sizes add up to at most ``max_bytes``.
-
-    A document that would overflow the byte budget is skipped (a later, smaller one may still
-    fit), so one huge file early in the order cannot starve the corpus; reading stops once 99% of
-    the budget is used.
-    """
-    sized = ((doc, len(doc.text.encode("utf-8"))) for doc in docs)
-    return (doc for doc, _ in within_caps(sized, max_documents, max_bytes))
-
-
-def within_caps(
-    sized: Iterable[tuple[Any, int]], max_documents: int | None, max_bytes: int | None
-) -> Iterator[tuple[Any, int]]:
-    """The (item, size) pairs ``take`` keeps, in order; stops reading once the caps are reached.
-    ``kiln corpus`` applies the caps through this too, on sizes alone."""
-    n_docs = n_bytes = 0
-    for item, size in sized:
-        if max_documents is not None and n_docs >= max_documents:
-            return
-        if max_bytes is not None and n_bytes + size > max_bytes:
-            if n_bytes >= 0.99 * max_bytes:
-                return
-            continue
-        n_docs, n_bytes = n_docs + 1, n_bytes + size
-        yield item, size
+# Reading (the readers themselves live in kilnlm.documents, shared with `kiln corpus`)
 
 
 def read_corpus(cfg: CorpusConfig) -> Iterator[Document]:
@@ -335,13 +198,9 @@ def clean(
 # Held-out split
 
 
-def _hash64(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
-
-
 def heldout_score(text: str) -> float:
     """A stable number in [0, 1) from the document's text: below the fraction means held-out."""
-    return _hash64(text) / 2**64
+    return hash64(text) / 2**64
 
 
 def heldout_mask(scores: Sequence[float], fraction: float) -> list[bool]:
@@ -370,72 +229,7 @@ def split_heldout(
 
 
 # --------------------------------------------------------------------------------------------
-# Manifest
-
-
-@dataclass
-class ShardInfo:
-    """One file of a split."""
-
-    file: str
-    """File name relative to the corpus directory."""
-    n_tokens: int
-
-
-@dataclass
-class SplitInfo:
-    """One split (train or heldout): its size and its shard files, in stream order."""
-
-    n_documents: int
-    n_tokens: int
-    """Token ids in the stream, one ``<|eos|>`` per document included."""
-    n_bytes: int
-    """UTF-8 bytes of the documents' text (separators excluded): the denominator of bits per byte."""
-    shards: list[ShardInfo]
-
-
-@dataclass
-class CorpusManifest:
-    """Everything a reader needs to know about a built corpus; stored as ``manifest.json``."""
-
-    vocab_size: int
-    dtype: str
-    eos_id: int
-    tokenizer_file: str
-    splits: dict[str, SplitInfo]
-    stats: FilterStats
-    config: dict[str, Any]
-    fingerprint: str
-    """Hash of the config, vocab size, source files and tool versions: equal means reusable."""
-    build_seconds: float
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-    """Wall time of each stage (read, clean, tokenizer, encode), to see where a build goes."""
-    format_version: int = FORMAT_VERSION
-
-    def save(self, out_dir: str | Path) -> Path:
-        """Write ``manifest.json`` atomically (temp file + rename): readers never see half of it."""
-        path = Path(out_dir) / MANIFEST_NAME
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(asdict(self), indent=2), encoding="utf-8")
-        os.replace(tmp, path)
-        return path
-
-    @classmethod
-    def load(cls, out_dir: str | Path) -> CorpusManifest:
-        path = Path(out_dir) / MANIFEST_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"no {MANIFEST_NAME} in {out_dir}; build it with build_corpus")
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        splits = {
-            name: SplitInfo(**{**s, "shards": [ShardInfo(**x) for x in s["shards"]]})
-            for name, s in raw.pop("splits").items()
-        }
-        return cls(splits=splits, stats=FilterStats(**raw.pop("stats")), **raw)
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """uint16 while every id fits in 16 bits (half the disk and page cache), else uint32."""
-    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+# Reuse of a previous build
 
 
 def corpus_fingerprint(
@@ -650,144 +444,3 @@ def save_manifest(
     )
     manifest.save(out_dir)
     return manifest
-
-
-# --------------------------------------------------------------------------------------------
-# Reading shards
-
-
-class TokenShards:
-    """One split of a built corpus as a single random-access array of token ids, memory-mapped.
-
-    Shards are opened lazily and only the pages a read touches are loaded. Pickles without its
-    memory maps (workers reopen the files), so it can be handed to Ray workers on a shared disk.
-    """
-
-    def __init__(self, root: str | Path, split: str = "train") -> None:
-        self.root, self.split = Path(root), split
-        manifest = CorpusManifest.load(self.root)
-        if split not in manifest.splits:
-            raise ValueError(f"unknown split {split!r}; this corpus has {sorted(manifest.splits)}")
-        info = manifest.splits[split]
-        self.vocab_size, self.eos_id = manifest.vocab_size, manifest.eos_id
-        self.n_documents, self._n_bytes = info.n_documents, info.n_bytes
-        self._dtype = np.dtype(manifest.dtype).newbyteorder("<")
-        self._files = [self.root / s.file for s in info.shards]
-        counts = np.array([s.n_tokens for s in info.shards], dtype=np.int64)
-        self._starts = np.concatenate([[0], np.cumsum(counts)])  # (n_shards + 1,)
-        self._maps: list[np.memmap | None] = [None] * len(self._files)
-
-    def __len__(self) -> int:
-        return int(self._starts[-1])
-
-    @property
-    def bytes_of_text(self) -> int:
-        """UTF-8 bytes of the split's text: bits per byte = total nats / (ln 2 · bytes_of_text)."""
-        return self._n_bytes
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self._dtype
-
-    def read(self, start: int, n: int) -> np.ndarray:
-        """Ids ``[start, start + n)`` as a new array of the stored dtype, across shard boundaries."""
-        if start < 0 or n < 0 or start + n > len(self):
-            raise IndexError(
-                f"read({start}, {n}) is outside the {self.split} split of {len(self)} tokens"
-            )
-        out = np.empty(n, dtype=self._dtype)
-        pos, end = start, start + n
-        shard = int(np.searchsorted(self._starts, start, side="right")) - 1
-        while pos < end:
-            local, take_n = pos - self._starts[shard], min(end, self._starts[shard + 1]) - pos
-            out[pos - start : pos - start + take_n] = self._map(shard)[local : local + take_n]
-            pos, shard = pos + take_n, shard + 1
-        return out
-
-    def _map(self, i: int) -> np.memmap:
-        if self._maps[i] is None:
-            self._maps[i] = np.memmap(self._files[i], dtype=self._dtype, mode="r")
-        return self._maps[i]
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Everything but the memory maps: a pickle (to a Ray worker) stays a few hundred bytes
-        whatever the split's size, and the copy reopens the files on its first read."""
-        return {**self.__dict__, "_maps": [None] * len(self._files)}
-
-
-SAMPLE_CHUNK_TOKENS = 1024
-"""``sample_split`` reads in chunks of this many tokens: long enough that the cuts between
-chunks cost a model little context, short enough to reach many documents."""
-
-
-def spread_slices(n: int, budget: int, chunk: int = SAMPLE_CHUNK_TOKENS) -> list[tuple[int, int]]:
-    """(start, end) slices of ``range(n)`` that total min(n, budget) tokens: all of it when it
-    fits, else ceil(budget / chunk) equal chunks starting at evenly spaced offsets (they never
-    overlap, since each is at most n / chunks long)."""
-    if n <= budget:
-        return [(0, n)]
-    k = -(-budget // chunk)
-    sizes = [budget // k + (i < budget % k) for i in range(k)]
-    return [(i * n // k, i * n // k + size) for i, size in enumerate(sizes)]
-
-
-def sample_split(shards: TokenShards, budget: int, chunk: int = SAMPLE_CHUNK_TOKENS) -> np.ndarray:
-    """At most ``budget`` ids of a split for evaluation, spread over all of it (``spread_slices``):
-    the first ``budget`` ids alone would be its first one or two documents."""
-    parts = [shards.read(a, b - a) for a, b in spread_slices(len(shards), budget, chunk)]
-    return np.concatenate(parts) if parts else np.empty(0, dtype=shards.dtype)
-
-
-# --------------------------------------------------------------------------------------------
-# Batches
-
-
-def steps_per_epoch(n_tokens: int, batch_size: int, seq_len: int, world_size: int = 1) -> int:
-    """Global steps before ``get_batch`` starts a new shuffled pass over the windows."""
-    return ((n_tokens - 1) // seq_len) // (batch_size * world_size)
-
-
-@lru_cache(maxsize=4)
-def _window_order(n_windows: int, seed: int, epoch: int) -> np.ndarray:
-    """A permutation of the windows, fixed by (seed, epoch); cached because every step reuses it."""
-    return np.random.default_rng([seed, epoch]).permutation(n_windows)
-
-
-def get_batch(
-    shards: TokenShards,
-    batch_size: int,
-    seq_len: int,
-    step: int,
-    rank: int = 0,
-    world_size: int = 1,
-    seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and next-token targets, each (batch_size, seq_len) int64, for one (step, rank).
-
-    The stream is cut into windows ``[k·seq_len, k·seq_len + seq_len + 1)`` (windows may span
-    documents; ``<|eos|>`` marks the seams). Each epoch visits the windows in a permutation fixed
-    by (seed, epoch); global step s takes the next ``world_size · batch_size`` of them and rank r
-    gets its own contiguous ``batch_size`` slice. Hence: the same (step, rank, seed) always gives
-    the same batch, whatever ran before (resume = just pass the step); ranks of one step never
-    share a window; an epoch never repeats a window. Windows left over after the last full global
-    batch of an epoch are skipped that epoch (a different set each time).
-    """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-    if batch_size < 1 or seq_len < 1 or step < 0:
-        raise ValueError(
-            f"need batch_size >= 1, seq_len >= 1, step >= 0; got {batch_size}, {seq_len}, {step}"
-        )
-    per_epoch = steps_per_epoch(len(shards), batch_size, seq_len, world_size)
-    if per_epoch == 0:
-        raise ValueError(
-            f"the {shards.split} split has {len(shards)} tokens, fewer than one global batch of "
-            f"{world_size}x{batch_size} windows of {seq_len + 1}; use a smaller batch_size or "
-            "seq_len, or a bigger corpus"
-        )
-    epoch, step_in_epoch = divmod(step, per_epoch)
-    order = _window_order((len(shards) - 1) // seq_len, seed, epoch)
-    first = (step_in_epoch * world_size + rank) * batch_size
-    rows = [shards.read(int(k) * seq_len, seq_len + 1) for k in order[first : first + batch_size]]
-    data = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T + 1)
-    return data[:, :-1].contiguous(), data[:, 1:].contiguous()

@@ -58,13 +58,13 @@ class GateResult:
 
 
 def heldout_ids(source: str, tokenizer: Tokenizer, max_tokens: int) -> tuple[list[int], int]:
-    """Held-out ids (at most ``max_tokens``, spread over the data as ``kilnlm.data.spread_slices``
+    """Held-out ids (at most ``max_tokens``, spread over the data as ``kilnlm.shards.spread_slices``
     says) and the UTF-8 bytes they encode.
 
     A corpus directory gives its heldout split as stored (it must have been encoded with this
     tokenizer); a text file is encoded with ``tokenizer`` after a BOS token.
     """
-    from kilnlm.data import TokenShards, sample_split, spread_slices
+    from kilnlm.shards import TokenShards, sample_split, spread_slices
 
     path = Path(source)
     if path.is_dir():

@@ -18,12 +18,13 @@ import numpy as np
 import torch
 
 from kilnlm.checkpoint import export_content_addressed, save_pretrained
-from kilnlm.data import CorpusConfig, TokenShards, build_corpus, get_batch, sample_split
+from kilnlm.data import CorpusConfig, build_corpus
 from kilnlm.eval import EvalResult, evaluate
 from kilnlm.generate import generate
 from kilnlm.model import ModelConfig, Transformer
 from kilnlm.ngram import Baseline, best_baseline
 from kilnlm.sampling import SamplingParams
+from kilnlm.shards import TokenShards, get_batch, sample_split
 from kilnlm.tokenizer import Tokenizer
 from kilnlm.train import TrainConfig, train
 
@@ -69,7 +70,7 @@ class LocalRunConfig:
     """The baseline is fitted at each order and reported at its best held-out order (fair to it)."""
     eval_tokens: int = 200_000
     """Held-out tokens scored: all of the split when it fits, else this many spread over it
-    (kilnlm.data.sample_split, as the orchestrator's gate)."""
+    (kilnlm.shards.sample_split, as the orchestrator's gate)."""
     eval_stride: float = 0.5
     """Scoring windows advance by this fraction of seq_len (as the orchestrator's gate): every
     token after the first window is predicted from at least half a context."""

@@ -13,14 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kilnlm.data import (
-    CorpusConfig,
-    CorpusManifest,
-    Document,
-    TokenShards,
-    build_corpus,
-    iter_documents,
-)
+from kilnlm.data import CorpusConfig, build_corpus
+from kilnlm.documents import Document, iter_documents
+from kilnlm.shards import CorpusManifest, TokenShards
 from tests.test_data import CFG, hand_made_corpus, prose, write_corpus
 from tests.test_filters import MIT_HEADER
 

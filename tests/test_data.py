@@ -16,29 +16,17 @@ import numpy as np
 import pytest
 import torch
 
-from kilnlm.data import (
-    CorpusConfig,
+from kilnlm.data import CorpusConfig, _ShardWriter, build_corpus, clean, read_corpus, split_heldout
+from kilnlm.documents import Document, decode_text, default_corpus, iter_documents, stdlib_root
+from kilnlm.filters import FilterStats, MinHasher, is_generated, lsh_bands
+from kilnlm.shards import (
     CorpusManifest,
-    Document,
-    FilterStats,
-    MinHasher,
     ShardInfo,
     SplitInfo,
     TokenShards,
-    _ShardWriter,
-    build_corpus,
-    clean,
-    decode_text,
-    default_corpus,
     get_batch,
-    is_generated,
-    iter_documents,
-    lsh_bands,
-    read_corpus,
     sample_split,
-    split_heldout,
     spread_slices,
-    stdlib_root,
     steps_per_epoch,
     token_dtype,
 )

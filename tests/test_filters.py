@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kilnlm.data import CorpusConfig, Document, clean
+from kilnlm.data import CorpusConfig, clean
+from kilnlm.documents import Document
 from kilnlm.filters import (
     SAFETY_WORDS,
     FilterStats,

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kilnlm.data import CorpusConfig, TokenShards, build_corpus
+from kilnlm.data import CorpusConfig, build_corpus
 from kilnlm.fim import (
     FIM_MIDDLE,
     FIM_PREFIX,
@@ -22,6 +22,7 @@ from kilnlm.fim import (
     fim_text,
     infill_ids,
 )
+from kilnlm.shards import TokenShards
 from kilnlm.tokenizer import Tokenizer
 
 DOC = "def add(a, b):\n    return a + b\n"

@@ -331,7 +331,8 @@ def test_gate_rejects_a_checkpoint_without_tokenizer(tmp_path, ckpts):
 
 
 def test_gate_reads_a_corpus_heldout_split(tmp_path, ckpts):
-    from kilnlm.data import CorpusConfig, TokenShards, build_corpus
+    from kilnlm.data import CorpusConfig, build_corpus
+    from kilnlm.shards import TokenShards
 
     corpus = tmp_path / "corpus"
     build_corpus(CorpusConfig(max_bytes=120_000, heldout_fraction=0.2), corpus, 300, progress=False)

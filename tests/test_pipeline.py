@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 import kilnlm
-from kilnlm.data import CorpusConfig, TokenShards, sample_split
+from kilnlm.data import CorpusConfig
 from kilnlm.eval import evaluate
 from kilnlm.ngram import NGramModel
 from kilnlm.pipeline import PROMPTS, SAMPLING_SETTINGS, LocalRunConfig, run
+from kilnlm.shards import TokenShards, sample_split
 from kilnlm.tokenizer import Tokenizer
 from kilnlm.train import TrainConfig
 

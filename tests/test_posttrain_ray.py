@@ -40,8 +40,9 @@ LR = {"sft": 1e-3, "reward": 1e-3, "dpo": 5e-4}
 def parent(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny pretrained export: test-1m on a 600 KB stdlib corpus, 250 steps in-process."""
     from kilnlm.checkpoint import save_pretrained
-    from kilnlm.data import CorpusConfig, TokenShards, build_corpus, get_batch
+    from kilnlm.data import CorpusConfig, build_corpus
     from kilnlm.model import ModelConfig, Transformer
+    from kilnlm.shards import TokenShards, get_batch
     from kilnlm.tokenizer import Tokenizer
     from kilnlm.train import train
 

@@ -130,7 +130,8 @@ def test_register_refuses_a_folder_that_is_no_export(served, capsys, monkeypatch
 
 def test_default_heldout_is_the_default_corpus_heldout_documents(tmp_path):
     from kilnlm.actors.serve_orchestrator import default_heldout
-    from kilnlm.data import CorpusConfig, default_corpus, heldout_score
+    from kilnlm.data import CorpusConfig, heldout_score
+    from kilnlm.documents import default_corpus
 
     file = default_heldout(tmp_path, min_bytes=20_000)
     text = file.read_text(encoding="utf-8")

@@ -11,7 +11,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from kilnlm.chat import encode_chat, loss_mask, render_chat
-from kilnlm.data import default_corpus
+from kilnlm.documents import default_corpus
 from kilnlm.tokenizer import MIN_VOCAB_SIZE, SPECIAL_TOKENS, StreamDecoder, Tokenizer
 
 UNICODE_SAMPLE = (

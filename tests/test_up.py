@@ -135,8 +135,8 @@ def test_summary_has_a_perplexity_and_a_swap_time_per_promoted_version(summary) 
 def test_summary_sets_the_n_gram_baseline_beside_the_versions(summary, tiny_corpus) -> None:
     """The baseline is scored on the gate's own held-out tokens, at its best order."""
     from kilnlm.actors.orchestrator import heldout_ids
-    from kilnlm.data import TokenShards
     from kilnlm.ngram import NGramModel
+    from kilnlm.shards import TokenShards
     from kilnlm.tokenizer import Tokenizer
 
     result, lines = summary
