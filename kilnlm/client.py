@@ -7,8 +7,9 @@
             print(delta.text, end="", flush=True)
 
 Both speak the kiln.v1 gRPC API (``protos/``) and nothing else, so anything shown here can be
-done from any language with stubs generated from the protos. ``register(path)`` is an admin
-call (``Admin.Register``): it needs the client's ``token``. Sampling parameters are keyword
+done from any language with stubs generated from the protos (the result dataclasses and their
+conversion live in ``kilnlm.client_messages``). ``register(path)`` is an admin call
+(``Admin.Register``): it needs the client's ``token``. Sampling parameters are keyword
 arguments named as in ``SamplingParams`` (``temperature``, ``top_p``, ``top_k``, ``min_p``,
 ``repetition_penalty``, ``seed``, ``max_tokens``, ``stop``, ``stop_token_ids``, ``num_beams``,
 ``length_penalty``, ``logprobs``); one left out takes the server's default. Errors arrive as
@@ -17,15 +18,26 @@ arguments named as in ``SamplingParams`` (``temperature``, ``top_p``, ``top_k``,
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from kilnlm.client_messages import (
+    Completion,
+    Delta,
+    Finish,
+    Reward,
+    Score,
+    chat_request,
+    collect_deltas,
+    from_proto,
+    generate_request,
+    infill_request,
+    reward_request,
+)
 from kilnlm.proto import admin_pb2, admin_pb2_grpc
 from kilnlm.proto import generation_pb2 as pb
 from kilnlm.proto import generation_pb2_grpc as pb_grpc
@@ -33,225 +45,9 @@ from kilnlm.proto import generation_pb2_grpc as pb_grpc
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 """Where `kiln serve` listens by default (loopback only)."""
 
-_ROLES = {"system": pb.ROLE_SYSTEM, "user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT}
-_FINISH = {
-    pb.FINISH_REASON_EOS: "eos",
-    pb.FINISH_REASON_STOP: "stop",
-    pb.FINISH_REASON_LENGTH: "length",
-}
-
 
 # --------------------------------------------------------------------------------------------
-# Results
-
-
-@dataclass
-class Finish:
-    finish_reason: str
-    """"eos", "stop" (a stop string or token) or "length" (max_tokens or the context's end)."""
-    prompt_tokens: int
-    completion_tokens: int
-    cached_prompt_tokens: int
-    seed: int
-    model_version: int
-    request_id: str
-
-
-@dataclass
-class Delta:
-    """One message of a stream: new text (whole characters), its token ids, maybe the end."""
-
-    text: str
-    token_ids: list[int]
-    logprobs: list[dict[str, Any]] = field(default_factory=list)
-    finish: Finish | None = None
-    model_version: int = 0
-    """The version whose weights produced these tokens (every message of a stream names it)."""
-
-
-@dataclass
-class Completion:
-    """A whole generation. ``finish`` says why it ended and which model version produced it."""
-
-    text: str
-    token_ids: list[int]
-    logprobs: list[dict[str, Any]]
-    finish: Finish
-
-
-@dataclass
-class Reward:
-    reward: float
-    """r(prompt, completion) under the served reward model; higher is preferred."""
-    num_tokens: int
-    model_version: int
-
-
-@dataclass
-class Score:
-    token_ids: list[int]
-    logprobs: list[float]
-    perplexity: float
-    bits_per_byte: float
-    num_bytes: int
-    model_version: int
-
-
-# --------------------------------------------------------------------------------------------
-# Conversion (the client's one place that touches protobuf)
-
-
-def sampling_proto(**sampling: Any) -> pb.SamplingParams:
-    """Keyword arguments as SamplingParams; None values are left unset (server default)."""
-    try:
-        return pb.SamplingParams(**{k: v for k, v in sampling.items() if v is not None})
-    except ValueError as e:  # protobuf: "Protocol message SamplingParams has no "x" field."
-        raise TypeError(f"unknown sampling parameter: {e}") from None
-
-
-def chat_messages(messages: Sequence[Mapping[str, str]]) -> list[pb.ChatMessage]:
-    out = []
-    for i, m in enumerate(messages):
-        if m.get("role") not in _ROLES:
-            raise ValueError(
-                f"messages[{i}].role must be one of {sorted(_ROLES)}, got {m.get('role')!r}"
-            )
-        out.append(pb.ChatMessage(role=_ROLES[m["role"]], content=m["content"]))
-    return out
-
-
-def from_proto(msg: Any) -> Any:
-    """A response message as this module's dataclass (ModelInfo as a plain dict)."""
-    if isinstance(msg, pb.Finish):
-        return Finish(
-            finish_reason=_FINISH.get(msg.finish_reason, "unspecified"),
-            prompt_tokens=msg.usage.prompt_tokens,
-            completion_tokens=msg.usage.completion_tokens,
-            cached_prompt_tokens=msg.usage.cached_prompt_tokens,
-            seed=msg.seed,
-            model_version=msg.model_version,
-            request_id=msg.request_id,
-        )
-    if isinstance(msg, (pb.GenerateStreamResponse, pb.GenerateResponse)):
-        finish = from_proto(msg.finish) if msg.HasField("finish") else None
-        logprobs = [_logprob(lp) for lp in msg.logprobs]
-        if isinstance(msg, pb.GenerateResponse):
-            return Completion(msg.text, list(msg.token_ids), logprobs, finish)
-        return Delta(msg.text, list(msg.token_ids), logprobs, finish, msg.model_version)
-    if isinstance(msg, pb.ScoreResponse):
-        return Score(
-            token_ids=list(msg.token_ids),
-            logprobs=list(msg.logprobs),
-            perplexity=msg.perplexity,
-            bits_per_byte=msg.bits_per_byte,
-            num_bytes=msg.num_bytes,
-            model_version=msg.model_version,
-        )
-    if isinstance(msg, pb.RewardResponse):
-        return Reward(msg.reward, msg.num_tokens, msg.model_version)
-    if isinstance(msg, pb.ModelInfo):
-        return _model_info(msg)
-    raise TypeError(f"no conversion for {type(msg).__name__}")
-
-
-def _logprob(lp: pb.TokenLogprob) -> dict[str, Any]:
-    top = [(t.token_id, t.logprob) for t in lp.top]
-    return {"token_id": lp.token_id, "logprob": lp.logprob, "top": top}
-
-
-def _model_info(msg: pb.ModelInfo) -> dict[str, Any]:
-    kv = msg.kv_cache
-    return {
-        "version": msg.version,
-        "checkpoint": msg.checkpoint,
-        "config": json.loads(msg.config_json) if msg.config_json else {},
-        "context_length": msg.context_length,
-        "vocab_size": msg.vocab_size,
-        "num_params": msg.num_params,
-        "kv_cache": {
-            "budget_bytes": kv.budget_bytes,
-            "bytes_per_token": kv.bytes_per_token,
-            "block_size": kv.block_size,
-            "blocks_total": kv.blocks_total,
-            "blocks_used": kv.blocks_used,
-        },
-        "running": msg.running,
-        "waiting": msg.waiting,
-        "device": msg.device,
-        "dtype": msg.dtype,
-        "max_tokens_limit": msg.max_tokens_limit,
-        "generated_tokens": msg.generated_tokens,
-    }
-
-
-def _generate_request(
-    prompt: str, request_id: str, versions: dict[str, Any], sampling: dict[str, Any]
-) -> pb.GenerateRequest:
-    return pb.GenerateRequest(
-        prompt=prompt, sampling=sampling_proto(**sampling), request_id=request_id, **_set(versions)
-    )
-
-
-def _chat_request(
-    messages: Sequence[Mapping[str, str]],
-    request_id: str,
-    versions: dict[str, Any],
-    sampling: dict[str, Any],
-) -> pb.ChatRequest:
-    return pb.ChatRequest(
-        messages=chat_messages(messages),
-        sampling=sampling_proto(**sampling),
-        request_id=request_id,
-        **_set(versions),
-    )
-
-
-def _infill_request(
-    prefix: str,
-    suffix: str,
-    request_id: str,
-    versions: dict[str, Any],
-    sampling: dict[str, Any],
-) -> pb.InfillRequest:
-    return pb.InfillRequest(
-        prefix=prefix,
-        suffix=suffix,
-        sampling=sampling_proto(**sampling),
-        request_id=request_id,
-        **_set(versions),
-    )
-
-
-def _reward_request(
-    completion: str,
-    prompt: str | None,
-    messages: Sequence[Mapping[str, str]] | None,
-    versions: dict[str, Any],
-) -> pb.RewardRequest:
-    return pb.RewardRequest(
-        completion=completion,
-        prompt=prompt or "",
-        messages=chat_messages(messages or []),
-        **_set(versions),
-    )
-
-
-def _set(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in d.items() if v is not None}
-
-
-def _collect(deltas: list[Delta]) -> Completion:
-    finish = next((d.finish for d in reversed(deltas) if d.finish is not None), None)
-    if finish is None:
-        raise RuntimeError(
-            "the stream ended without a finish message; the server broke the protocol"
-        )
-    return Completion(
-        text="".join(d.text for d in deltas),
-        token_ids=[t for d in deltas for t in d.token_ids],
-        logprobs=[lp for d in deltas for lp in d.logprobs],
-        finish=finish,
-    )
+# Channel
 
 
 def _credentials(tls_ca: str | None) -> grpc.ChannelCredentials | None:
@@ -331,7 +127,7 @@ class Client:
     ) -> Completion:
         """Generate a completion of ``prompt`` and return it whole."""
         versions = {"min_version": min_version, "pin_version": pin_version}
-        request = _generate_request(prompt, request_id, versions, sampling)
+        request = generate_request(prompt, request_id, versions, sampling)
         return from_proto(self.stub.Generate(request, **self._opts(timeout)))
 
     def generate_stream(
@@ -346,7 +142,7 @@ class Client:
     ) -> Iterator[Delta]:
         """Stream a completion; closing the iterator early cancels the generation on the server."""
         versions = {"min_version": min_version, "pin_version": pin_version}
-        request = _generate_request(prompt, request_id, versions, sampling)
+        request = generate_request(prompt, request_id, versions, sampling)
         call = self.stub.GenerateStream(request, **self._opts(timeout))
         try:
             for msg in call:
@@ -366,7 +162,7 @@ class Client:
     ) -> Iterator[Delta]:
         """Stream the assistant's reply to ``messages`` ([{"role": "user", "content": ...}, ...])."""
         versions = {"min_version": min_version, "pin_version": pin_version}
-        request = _chat_request(messages, request_id, versions, sampling)
+        request = chat_request(messages, request_id, versions, sampling)
         call = self.stub.Chat(request, **self._opts(timeout))
         try:
             for msg in call:
@@ -376,7 +172,7 @@ class Client:
 
     def chat(self, messages: Sequence[Mapping[str, str]], **kwargs: Any) -> Completion:
         """The assistant's whole reply (chat defaults: temperature 0.7, top_p 0.9)."""
-        return _collect(list(self.chat_stream(messages, **kwargs)))
+        return collect_deltas(list(self.chat_stream(messages, **kwargs)))
 
     def infill_stream(
         self,
@@ -391,7 +187,7 @@ class Client:
     ) -> Iterator[Delta]:
         """Stream the middle between ``prefix`` and ``suffix`` (a model trained with FIM)."""
         versions = {"min_version": min_version, "pin_version": pin_version}
-        request = _infill_request(prefix, suffix, request_id, versions, sampling)
+        request = infill_request(prefix, suffix, request_id, versions, sampling)
         call = self.stub.Infill(request, **self._opts(timeout))
         try:
             for msg in call:
@@ -401,7 +197,7 @@ class Client:
 
     def infill(self, prefix: str, suffix: str, **kwargs: Any) -> Completion:
         """The whole middle: ``prefix + infill(prefix, suffix).text + suffix`` is the document."""
-        return _collect(list(self.infill_stream(prefix, suffix, **kwargs)))
+        return collect_deltas(list(self.infill_stream(prefix, suffix, **kwargs)))
 
     def score(self, text: str, *, timeout: float | None = None) -> Score:
         """Per-token log-probabilities of ``text``, its perplexity and bits per byte."""
@@ -420,7 +216,7 @@ class Client:
         """The served reward model's r(prompt, completion); the prompt is ``prompt`` (one user
         message) or ``messages`` (a conversation), as in preference JSONL."""
         versions = {"min_version": min_version, "pin_version": pin_version}
-        request = _reward_request(completion, prompt, messages, versions)
+        request = reward_request(completion, prompt, messages, versions)
         return from_proto(self.stub.Reward(request, **self._opts(timeout)))
 
     def model_info(self, *, timeout: float | None = None) -> dict[str, Any]:
@@ -490,7 +286,7 @@ class AsyncClient:
         **sampling: Any,
     ) -> Completion:
         versions = {"min_version": min_version, "pin_version": pin_version}
-        request = _generate_request(prompt, request_id, versions, sampling)
+        request = generate_request(prompt, request_id, versions, sampling)
         return from_proto(await self.stub.Generate(request, **self._opts(timeout)))
 
     async def generate_stream(
@@ -504,7 +300,7 @@ class AsyncClient:
         **sampling: Any,
     ) -> AsyncIterator[Delta]:
         versions = {"min_version": min_version, "pin_version": pin_version}
-        request = _generate_request(prompt, request_id, versions, sampling)
+        request = generate_request(prompt, request_id, versions, sampling)
         call = self.stub.GenerateStream(request, **self._opts(timeout))
         try:
             async for msg in call:
@@ -523,7 +319,7 @@ class AsyncClient:
         **sampling: Any,
     ) -> AsyncIterator[Delta]:
         versions = {"min_version": min_version, "pin_version": pin_version}
-        request = _chat_request(messages, request_id, versions, sampling)
+        request = chat_request(messages, request_id, versions, sampling)
         call = self.stub.Chat(request, **self._opts(timeout))
         try:
             async for msg in call:
@@ -532,7 +328,7 @@ class AsyncClient:
             call.cancel()
 
     async def chat(self, messages: Sequence[Mapping[str, str]], **kwargs: Any) -> Completion:
-        return _collect([d async for d in self.chat_stream(messages, **kwargs)])
+        return collect_deltas([d async for d in self.chat_stream(messages, **kwargs)])
 
     async def infill_stream(
         self,
@@ -546,7 +342,7 @@ class AsyncClient:
         **sampling: Any,
     ) -> AsyncIterator[Delta]:
         versions = {"min_version": min_version, "pin_version": pin_version}
-        request = _infill_request(prefix, suffix, request_id, versions, sampling)
+        request = infill_request(prefix, suffix, request_id, versions, sampling)
         call = self.stub.Infill(request, **self._opts(timeout))
         try:
             async for msg in call:
@@ -555,7 +351,7 @@ class AsyncClient:
             call.cancel()
 
     async def infill(self, prefix: str, suffix: str, **kwargs: Any) -> Completion:
-        return _collect([d async for d in self.infill_stream(prefix, suffix, **kwargs)])
+        return collect_deltas([d async for d in self.infill_stream(prefix, suffix, **kwargs)])
 
     async def score(self, text: str, *, timeout: float | None = None) -> Score:
         return from_proto(await self.stub.Score(pb.ScoreRequest(text=text), **self._opts(timeout)))
