@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from kilnlm.cli.output import json_mode
+
 # Each module defines ``register(subparsers)``; a command sets ``func`` (args -> exit code).
 COMMAND_MODULES = (
     "kilnlm.cli.library",  # run, plan, eval, sample
@@ -42,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with json_mode(bool(getattr(args, "json", False))):
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

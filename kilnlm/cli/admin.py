@@ -17,6 +17,8 @@ import sys
 import time
 from typing import Any
 
+from kilnlm.cli.output import print_text
+
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 TOKEN_ENV = "KILN_ADMIN_TOKEN"
 STATE_NAMES = {
@@ -84,7 +86,7 @@ def _run(command: str, args: argparse.Namespace, method: str, request: Any) -> A
 def _print_json(message: Any) -> None:
     from google.protobuf.json_format import MessageToJson
 
-    print(MessageToJson(message, preserving_proto_field_name=True))
+    print_text(MessageToJson(message, preserving_proto_field_name=True))
 
 
 # --------------------------------------------------------------------------------------------

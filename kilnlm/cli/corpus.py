@@ -4,14 +4,13 @@ that ``kiln train --data`` and ``kiln up --data`` take. Ray is imported inside t
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from kilnlm import config
+from kilnlm.cli.output import print_json
 
 DEFAULT_PRESET = "tiny-3m"
 """The vocabulary defaults to this preset's, the model `kiln train` and `kiln up` build."""
@@ -55,7 +54,8 @@ def cmd_corpus(args: argparse.Namespace) -> int:
 
     from kilnlm.cluster.corpus import build_corpus_ray, default_workers
     from kilnlm.cluster.launcher import ensure_ray
-    from kilnlm.data import MANIFEST_NAME, CorpusConfig
+    from kilnlm.data import CorpusConfig
+    from kilnlm.shards import MANIFEST_NAME
 
     cfg = CorpusConfig(sources=args.source or [], **config.overrides_from(args, CorpusConfig))
     if args.ray_address:
@@ -73,8 +73,7 @@ def cmd_corpus(args: argparse.Namespace) -> int:
     summary = corpus_summary(manifest, args.out, seconds, workers)
     summary["reused"] = before is not None and manifest_path.stat().st_mtime_ns == before
     if args.json:
-        json.dump(summary, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        print_json(summary)
     else:
         print(format_summary(summary))
     return 0

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 from typing import Any
 
 from kilnlm import config
+from kilnlm.cli.output import print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -99,7 +99,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     except ValueError as e:  # budget too small for any shape: still print the plan
         print(f"(no model shape: {e})", file=sys.stderr)
         shape = None
-    print(format_plan(plan, shape))
+    if args.json:
+        from dataclasses import asdict
+
+        from kilnlm.model import num_params
+
+        shape_json = None if shape is None else {**asdict(shape), "params": num_params(shape)}
+        print_json({**asdict(plan), "tokens_per_param": plan.tokens_per_param, "shape": shape_json})
+    else:
+        print(format_plan(plan, shape))
     return 0
 
 
@@ -185,5 +193,4 @@ def _as_dict(result: Any) -> dict[str, Any]:
 
 
 def _print_json(obj: dict[str, Any]) -> None:
-    json.dump(obj, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    print_json(obj)

@@ -24,6 +24,7 @@ from dataclasses import replace
 from typing import Any
 
 from kilnlm import config
+from kilnlm.cli.output import print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -156,8 +157,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.register:
         summary["registered_version"] = register_export(args, summary["export"])
     if args.json:
-        json.dump(summary, sys.stdout, indent=2, default=str)
-        sys.stdout.write("\n")
+        print_json(summary)
     else:
         print(format_summary(summary))
     return 0
@@ -205,8 +205,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     scores = score_pairs(model, examples, tokenizer.pad_id, head_id)
     rows = [{"chosen": c, "rejected": r} for c, r in scores]
     if args.json:
-        json.dump(rows, sys.stdout)
-        sys.stdout.write("\n")
+        print_json(rows, indent=None)
     else:
         for i, row in enumerate(rows):
             print(f"{i:>5}  chosen {row['chosen']:+.4f}  rejected {row['rejected']:+.4f}")

@@ -1,11 +1,20 @@
 """``kiln rl``: KL-regularised RL through the live system (replicas sample, Ray Train updates,
 the orchestrator gates and hot-swaps every new policy).
 
-    kiln rl --policy CKPT --reward module:function --prompts FILE --beta B --samples K \\
-            --iterations N --out DIR [--max-staleness S] [--json]
+    kiln rl --policy CKPT --reward module:function|RM_EXPORT --prompts FILE --beta B \\
+            --samples K --iterations N --out DIR [--max-staleness S] [--no-clients] [--json]
     kiln rl --toy [--beta B] --out DIR [--iterations N]
+    kiln rl --defaults [--from-dir runs/posttrain] [--beta B] --out DIR
 
-``--prompts`` is JSONL, one ``{"prompt": "..."}`` per line. ``--toy`` trains the toy's π0
+``--reward`` is a Python function ``package.module:function`` or a reward-model export
+(``kiln reward train``; scored as ``kiln reward score`` scores, see ``cluster/rl_reward.py``).
+``--prompts`` is JSONL, ``{"prompt": "..."}`` or ``{"messages": [...]}`` per line (a chat is
+rendered with the policy's chat template and the assistant's generation prompt; see
+``kilnlm.rl.prompts``). A background client streams through the gateway for the whole run and
+its counts go into the summary (``--no-clients`` turns it off). ``--defaults`` runs post-training
+I's SFT export as π0 with its reward model on held-out prompts of the embedded instruction set,
+for the three ``DEFAULT_BETAS`` (``kilnlm.rl.defaults``), and draws the trade-off of the three in
+``DIR/reward-kl.png``. ``--toy`` trains the toy's π0
 (``kilnlm.rl.toy_policy``), exports it to ``DIR/pi0`` and runs the same loop with sampling
 restricted to its alphabet and ``<|eos|>``, reporting the exact KL(πθ‖π*) and TV after every
 iteration; with ``--beta`` it runs that β and writes ``DIR/toy.json``, without it the three
@@ -20,48 +29,79 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kilnlm.cli.output import print_json
+
 TOY_BETAS = (0.5, 1.0, 2.0)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("rl", help="KL-regularised RL (RLOO) through the serving replicas")
     p.add_argument("--policy", help="π0's export (also the KL reference)")
-    p.add_argument("--reward", help="package.module:function taking (prompt, completion) text")
-    p.add_argument("--prompts", help='JSONL file, one {"prompt": ...} per line')
+    p.add_argument(
+        "--reward",
+        help="package.module:function taking (prompt, completion) text, or a reward-model export",
+    )
+    p.add_argument(
+        "--prompts", help='JSONL file, {"prompt": "..."} or {"messages": [...]} per line'
+    )
     p.add_argument("--toy", action="store_true", help="the exactly solvable toy (π* enumerated)")
-    p.add_argument("--beta", type=float, help="trust in π0 (default 1.0; --toy: three values)")
-    p.add_argument("--samples", type=int, default=8, help="samples per prompt (default 8)")
-    p.add_argument("--iterations", type=int, default=3, help="sample/update/swap rounds")
+    p.add_argument(
+        "--defaults",
+        action="store_true",
+        help="post-training I's SFT model, reward model and held-out prompts (see --from-dir)",
+    )
+    p.add_argument(
+        "--from-dir",
+        default="runs/posttrain",
+        help="--defaults: the folder with the sft/ and reward/ exports (default runs/posttrain)",
+    )
+    p.add_argument("--prompt-count", type=int, help="--defaults: held-out prompts used (8)")
+    p.add_argument(
+        "--beta", type=float, help="trust in π0 (default 1.0; --toy, --defaults: three values)"
+    )
+    p.add_argument("--samples", type=int, help="samples per prompt (default 8; --defaults 4)")
+    p.add_argument("--iterations", type=int, help="sample/update/swap rounds (3; --defaults 4)")
     p.add_argument("--steps", type=int, default=1, help="optimiser steps per iteration")
-    p.add_argument("--lr", type=float, default=3e-3, help="learning rate (default 3e-3)")
+    p.add_argument("--lr", type=float, help="learning rate (default 3e-3; --defaults 1e-3)")
     p.add_argument("--max-staleness", type=int, default=1, help="versions a sample may lag")
-    p.add_argument("--max-tokens", type=int, default=16, help="longest completion (not --toy)")
+    p.add_argument(
+        "--max-tokens", type=int, help="longest completion (16; --defaults 24; not --toy)"
+    )
+    p.add_argument(
+        "--no-clients",
+        dest="clients",
+        action="store_false",
+        help="no background client streaming through the gateway during the run",
+    )
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers")
     p.add_argument("--out", required=True, help="folder for metrics.csv, exports, toy.json")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_rl)
 
 
-def read_prompts(path: str) -> tuple[str, ...]:
-    """Plain prompts from JSONL (``{"prompt": ...}`` lines); chat lines are not supported yet."""
-    prompts = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        item = json.loads(line)
-        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
-            raise ValueError(f'{path}:{n}: expected {{"prompt": "..."}} (chat lines: not yet)')
-        prompts.append(item["prompt"])
-    return tuple(prompts)
+GENERIC = {"samples": 8, "iterations": 3, "lr": 3e-3, "max_tokens": 16}
+"""Defaults of the size flags for --policy and --toy (--defaults: ``DefaultsSize``)."""
 
 
 def cmd_rl(args: argparse.Namespace) -> int:
-    summaries = run_toy(args) if args.toy else [run_policy(args)]
+    if args.toy and args.defaults:
+        raise ValueError("give one of --toy or --defaults")
+    if args.defaults:
+        summaries = run_defaults(args)
+    else:
+        fill_sizes(args, GENERIC)
+        summaries = run_toy(args) if args.toy else [run_policy(args)]
     result: Any = summaries[0] if len(summaries) == 1 else summaries
     if args.json:
-        json.dump(result, sys.stdout, indent=2, default=str)
-        sys.stdout.write("\n")
+        print_json(result)
     return 0
+
+
+def fill_sizes(args: argparse.Namespace, defaults: dict[str, Any]) -> None:
+    """Every size flag the user did not give takes the mode's default."""
+    for name, value in defaults.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
 
 
 def loop_config(args: argparse.Namespace, **fields: Any) -> Any:
@@ -75,21 +115,65 @@ def loop_config(args: argparse.Namespace, **fields: Any) -> Any:
 
 
 def run_policy(args: argparse.Namespace) -> dict[str, Any]:
-    from kilnlm.actors.serve_orchestrator import default_heldout
-    from kilnlm.cluster.rl_run import run_live
+    from kilnlm.rl.prompts import read_prompts
 
     if not (args.policy and args.reward and args.prompts):
-        raise ValueError("kiln rl needs --policy, --reward and --prompts (or --toy)")
-    if ":" not in args.reward:
-        raise ValueError(
-            "--reward as a reward-model checkpoint is not supported yet; give module:function"
-        )
+        raise ValueError("kiln rl needs --policy, --reward and --prompts (or --toy, --defaults)")
+    prompts = read_prompts(args.prompts)
+    return run_checked(args, args.policy, args.reward, prompts, args.beta or 1.0, args.out)
+
+
+def run_checked(
+    args: argparse.Namespace, policy: str, reward: str, prompts: Any, beta: float, out: str
+) -> dict[str, Any]:
+    """Check what can be checked before Ray starts (the reward, the lengths), then run."""
+    from kilnlm.actors.serve_orchestrator import default_heldout
+    from kilnlm.cluster.rl_run import run_live
+    from kilnlm.rl.prompts import check_fits
+    from kilnlm.rl.reward import reward_kind
+
+    kind = reward_kind(reward)
+    check_fits(policy, prompts, args.max_tokens, "the policy")
+    if kind == "model":
+        check_fits(reward, prompts, args.max_tokens + 1, "the reward model")
     cfg = loop_config(
-        args, policy=args.policy, reward=args.reward, prompts=read_prompts(args.prompts),
-        beta=args.beta or 1.0, out=args.out, max_tokens=args.max_tokens,
+        args, policy=policy, reward=reward, prompts=prompts, beta=beta, out=out,
+        max_tokens=args.max_tokens,
     )  # fmt: skip
-    heldout = str(default_heldout(Path(args.out).absolute()))
-    return run_live(cfg, heldout, say=_say(args))
+    heldout = str(default_heldout(Path(out).absolute()))
+    return run_live(cfg, heldout, say=_say(args), clients=args.clients)
+
+
+def run_defaults(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """π0 = DIR/sft, reward = DIR/reward, held-out prompts; one run per β, the trade-off PNG."""
+    from dataclasses import asdict
+
+    from kilnlm.rl import defaults
+
+    if args.policy or args.reward or args.prompts:
+        raise ValueError("--defaults picks --policy, --reward and --prompts itself; drop them")
+    size = defaults.DefaultsSize()
+    fill_sizes(args, {k: v for k, v in asdict(size).items() if k != "prompts"})
+    policy, reward = defaults.find_exports(args.from_dir)
+    prompts = defaults.heldout_prompts(args.prompt_count or size.prompts)
+    out = Path(args.out).absolute()
+    summaries = []
+    for beta in [args.beta] if args.beta else defaults.DEFAULT_BETAS:
+        _say(args)(f"kiln rl --defaults: β {beta:g}, π0 {policy}, reward {reward}")
+        run_out = str(out / f"beta-{beta:g}")
+        summaries.append(run_checked(args, policy, reward, prompts, beta, run_out))
+    png = defaults.plot_tradeoff(summaries, out / "reward-kl.png")
+    table = {
+        "tradeoff": defaults.tradeoff_rows(summaries),
+        "png": None if png is None else str(png),
+    }
+    (out / "defaults.json").write_text(json.dumps({**table, "runs": summaries}, indent=2) + "\n")
+    for row in table["tradeoff"]:
+        _say(args)(
+            f"β {row['beta']:g}: reward {row['reward_before']:.3f} -> {row['reward_after']:.3f}, "
+            f"KL(πθ‖π0)~ {row['kl_before']:.3f} -> {row['kl_after']:.3f}"
+        )
+    return [{**table, "runs": summaries}]
 
 
 def run_toy(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -104,6 +188,8 @@ def run_toy(args: argparse.Namespace) -> list[dict[str, Any]]:
     heldout = out / "heldout.txt"
     heldout.write_text("\n".join(PROMPT + w for w in toy_words(400, 1)), encoding="utf-8")
     reward = args.reward or TOY_REWARD
+    if ":" not in reward:
+        raise ValueError("--toy needs a Python reward (module:function): π* is computed from it")
     summaries = []
     for beta in [args.beta] if args.beta else TOY_BETAS:
         run_out = out if args.beta else out / f"beta-{beta:g}"
@@ -115,7 +201,9 @@ def run_toy(args: argparse.Namespace) -> list[dict[str, Any]]:
         _say(args)(
             f"kiln rl --toy: β {beta:g}, KL(π0‖π*) {posterior.measure(posterior.logp0).kl_to_target:.4f}"
         )
-        summaries.append(run_live(cfg, str(heldout), posterior, say=_say(args)))
+        summaries.append(
+            run_live(cfg, str(heldout), posterior, say=_say(args), clients=args.clients)
+        )
     return summaries
 
 

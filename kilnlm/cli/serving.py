@@ -11,13 +11,13 @@ the server's defaults (chat: temperature 0.7, top_p 0.9).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
+from kilnlm.cli.output import print_json
 from kilnlm.config import add_arguments, overrides_from, read_file
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -297,7 +297,7 @@ def cmd_infill(args: argparse.Namespace) -> int:
                 done = client.infill(prefix, suffix, **_sampling(args))
                 finish = done.finish
                 summary = {"middle": done.text, **{k: getattr(finish, k) for k in _FINISH_KEYS}}
-                print(json.dumps(summary, indent=2))
+                print_json(summary)
                 return 0
             finish = None
             for delta in client.infill_stream(prefix, suffix, **_sampling(args)):

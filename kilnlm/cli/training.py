@@ -6,13 +6,13 @@ Ray is imported inside the commands, so ``kiln --help`` and the library's comman
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 from kilnlm import config
+from kilnlm.cli.output import print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -118,8 +118,7 @@ def cmd_plan_memory(args: argparse.Namespace) -> int:
         "rows": rows,
     }
     if args.json:
-        json.dump(summary, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        print_json(summary)
     else:
         print(format_memory_plan(summary))
     return 0
@@ -188,8 +187,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "png": str(result.png_path),
             "seconds": result.seconds,
         }
-        json.dump(summary, sys.stdout, indent=2, default=str)
-        sys.stdout.write("\n")
+        print_json(summary)
     else:
         print(f"run       {result.run_uri}  ({result.seconds:.0f} s)")
         if last:
@@ -224,8 +222,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     ensure_ray(cfg.cpus_per_run * len(cfg.budgets))
     result = run_sweep(cfg, data_dir)
     if args.json:
-        json.dump(sweep_summary(result), sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        print_json(sweep_summary(result))
     else:
         print(format_sweep(result))
         print(f"plot      {result.png_path}\ntable     {result.csv_path}")

@@ -9,7 +9,6 @@ and delegates to ``kilnlm.actors.up_app``; Ray is imported only inside the comma
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -17,6 +16,7 @@ from dataclasses import replace
 from typing import Any
 
 from kilnlm import config
+from kilnlm.cli.output import print_json
 from kilnlm.cli.training import add_fim_argument
 
 NOT_FORWARDED = {"help", "local", "cluster", "ray_address", "no_follow", "func", "command"}
@@ -75,6 +75,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", help="gateway address (default 127.0.0.1)")
     p.add_argument("--num-replicas", type=int, help="LLM server replicas (default 2)")
     p.add_argument("--app-name", help="Serve application name (default kiln)")
+    p.add_argument(
+        "--replica-resource",
+        metavar="NAME",
+        help="custom Ray resource each replica asks one unit of, so replicas run only on the "
+        "nodes that advertise it (with --worker-resource: trainers and replicas on separate "
+        "nodes; docs/deploy.md, multi-node)",
+    )
     p.add_argument("--preset", help="model preset (kilnlm.model.PRESETS), default tiny-3m")
     p.add_argument("--data", help="a corpus folder built by kilnlm.data.build_corpus")
     p.add_argument("--source", action="append", help="text/JSONL file or folder (repeatable)")
@@ -103,7 +110,7 @@ def serve_from_args(args: argparse.Namespace, token: str | None) -> Any:  # -> S
     serve = default_serve()
     if args.serve_config:
         serve = from_dict(ServeConfig, dict(read_file(args.serve_config).get("serve", {})))
-    names = ("port", "http_port", "host", "num_replicas", "app_name")
+    names = ("port", "http_port", "host", "num_replicas", "app_name", "replica_resource")
     flags = {k: getattr(args, k) for k in names}
     return replace(serve, admin_token=token, **{k: v for k, v in flags.items() if v is not None})
 
@@ -138,7 +145,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("kiln up: stopped", file=sys.stderr)
         return 0
     if args.json:
-        print(json.dumps(summary.to_dict(), indent=2, default=str))
+        print_json(summary.to_dict())
     return 0 if summary.ok else 1
 
 
