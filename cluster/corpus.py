@@ -9,14 +9,14 @@ CPUs, writing the same directory (byte for byte, on the same input and config).
       ─► BPE on the first tokenizer_max_bytes of train (driver)
       ─► encode (tasks) ─► pack into shards, in order (driver) ─► manifest
 
-Every per-document rule is the library's (``kilnlm.filters.clean_text``, ``dedup_key``,
-``MinHasher``, ``NearDuplicateIndex``, ``heldout_mask``, ``tokenizer_texts``, ``_ShardWriter``),
-so the two builders cannot drift. Reading, filtering, PII redaction, signatures and encoding are
-independent per document and run as Ray Data tasks. Deduplication keeps the *first* copy in
-corpus order, a sequential decision: the driver makes it over 16-byte keys and 512-byte
-signatures streamed in order (the hashing itself ran in the tasks). Packing writes one ordered
-stream cut into fixed-size shards, so the driver writes it, streaming. Ray Data's
-``preserve_order`` keeps every stage in corpus order.
+Every per-document rule is the library's (``kilnlm.filters.clean_text``, ``kilnlm.dedup``'s
+``dedup_key``, ``MinHasher`` and ``NearDuplicateIndex``, ``heldout_mask``, ``tokenizer_texts``,
+``_ShardWriter``), so the two builders cannot drift. Reading, filtering, PII redaction,
+signatures and encoding are independent per document and run as Ray Data tasks. Deduplication
+keeps the *first* copy in corpus order, a sequential decision: the driver makes it over 16-byte
+keys and 512-byte signatures streamed in order (the hashing itself ran in the tasks). Packing
+writes one ordered stream cut into fixed-size shards, so the driver writes it, streaming. Ray
+Data's ``preserve_order`` keeps every stage in corpus order.
 
 Near-duplicate detection reuses kilnlm's own ``MinHasher`` rather than ``datasketch``: the
 byte-identical guarantee needs the very same signatures and LSH decisions as ``build_corpus``,
@@ -49,6 +49,7 @@ from kilnlm.data import (
     save_manifest,
     tokenizer_texts,
 )
+from kilnlm.dedup import MinHasher, NearDuplicateIndex, dedup_key
 from kilnlm.documents import (
     JSONL_SUFFIXES,
     TEXT_SUFFIXES,
@@ -60,15 +61,7 @@ from kilnlm.documents import (
     stdlib_root,
     within_caps,
 )
-from kilnlm.filters import (
-    CleanedText,
-    FilterStats,
-    MinHasher,
-    NearDuplicateIndex,
-    PiiCounts,
-    clean_text,
-    dedup_key,
-)
+from kilnlm.filters import CleanedText, FilterStats, PiiCounts, clean_text
 from kilnlm.shards import CorpusManifest, SplitInfo, token_dtype
 from kilnlm.tokenizer import Tokenizer
 

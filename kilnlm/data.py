@@ -32,6 +32,7 @@ import numpy as np
 import tokenizers
 from tqdm.auto import tqdm
 
+from kilnlm.dedup import dedup_key, near_duplicate_mask
 from kilnlm.documents import (
     Document,
     _list_files,
@@ -41,7 +42,7 @@ from kilnlm.documents import (
     iter_documents,
     take,
 )
-from kilnlm.filters import FilterStats, clean_text, dedup_key, near_duplicate_mask
+from kilnlm.filters import FilterStats, clean_text
 from kilnlm.fim import FimConfig, encode_documents
 from kilnlm.shards import (
     FORMAT_VERSION,

@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from kilnlm.data import CorpusConfig, _ShardWriter, build_corpus, clean, read_corpus, split_heldout
+from kilnlm.dedup import MinHasher, lsh_bands
 from kilnlm.documents import Document, decode_text, default_corpus, iter_documents, stdlib_root
-from kilnlm.filters import FilterStats, MinHasher, is_generated, lsh_bands
+from kilnlm.filters import FilterStats, is_generated
 from kilnlm.shards import (
     CorpusManifest,
     ShardInfo,
