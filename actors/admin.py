@@ -19,7 +19,8 @@ from kilnlm.actors.orchestrator_config import (
     PreconditionError,
     SwapAborted,
 )
-from kilnlm.actors.registry import CheckpointRecord, RegistryError, SwapRecord
+from kilnlm.actors.registry import RegistryError
+from kilnlm.actors.registry_records import CheckpointRecord, SwapRecord
 from kilnlm.actors.swap_agent import orchestrator_name
 from kilnlm.checkpoint import CheckpointError
 

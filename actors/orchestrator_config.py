@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from kilnlm.actors.registry import CheckpointRecord, SwapRecord, TrainingProgress
+from kilnlm.actors.registry_records import CheckpointRecord, SwapRecord, TrainingProgress
 from kilnlm.actors.replica_set import ReplicaView
 
 Policy = Literal["manual", "auto"]

@@ -6,7 +6,8 @@ What it holds (DESIGN.md, "Versions"): one ``CheckpointRecord`` per registered e
 (assigned here, monotonically increasing), URI, step, tokens seen and held-out loss from the
 export's manifest, the sha256 of ``manifest.json`` (which pins the sha256 of every file), a
 status with its reason and the time of every transition — plus the promotion ``lineage`` (the
-stack that ``rollback`` pops), the swap history and the trainer's last reported progress.
+stack that ``rollback`` pops), the swap history and the trainer's last reported progress. The
+record dataclasses themselves are in ``registry_records.py``.
 
 Persistence. The whole registry is one JSON document, ``registry.json`` in the orchestrator's
 storage path, rewritten on every change through a temporary file, fsync and ``os.replace``: a
@@ -31,22 +32,22 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from kilnlm.actors.registry_records import (
+    CheckpointRecord,
+    Status,
+    SwapKind,
+    SwapOutcome,
+    SwapRecord,
+    TrainingProgress,
+    Transition,
+)
 from kilnlm.checkpoint import remote
 from kilnlm.gate import Validation
 
-Status = Literal["registered", "validating", "validated", "promoted", "rejected", "retired"]
-STATUSES: tuple[Status, ...] = (
-    "registered",
-    "validating",
-    "validated",
-    "promoted",
-    "rejected",
-    "retired",
-)
 ALLOWED: dict[Status, tuple[Status, ...]] = {
     "registered": ("validating", "rejected"),
     "validating": ("validated", "rejected", "registered"),
@@ -63,126 +64,9 @@ FILE_NAME = "registry.json"
 MAX_SWAPS = 200
 """Swap records kept (oldest dropped first): history for Status, bounded so the file stays small."""
 
-SwapKind = Literal["promote", "rollback", "canary", "canary-rollback"]
-SwapOutcome = Literal["running", "ok", "aborted", "failed", "interrupted"]
-
 
 class RegistryError(RuntimeError):
     """The registry file cannot be read, or a transition is not allowed."""
-
-
-# --------------------------------------------------------------------------------------------
-# Records
-
-
-@dataclass
-class Transition:
-    status: Status
-    unix: float
-    reason: str = ""
-
-
-@dataclass
-class CheckpointRecord:
-    version: int
-    uri: str
-    """As registered (a path or a file:// URI)."""
-    path: str
-    """Where replicas load it from: ``uri`` without file://, absolute; an object-store URI as
-    registered (the gate and every replica fetch it into their node's cache)."""
-    manifest_sha256: str
-    """The manifest's content identity (``Manifest.content_sha256``: files and fields, not the
-    export's time): equal means the same files (the manifest lists their sha256)."""
-    files: dict[str, str]
-    """sha256 of every file, from the manifest."""
-    step: int | None = None
-    tokens_seen: int | None = None
-    heldout_loss: float | None = None
-    """The trainer's held-out loss from the manifest (the gate measures its own)."""
-    status: Status = "registered"
-    reason: str = ""
-    registered_unix: float = 0.0
-    history: list[Transition] = field(default_factory=list)
-    validation: Validation | None = None
-    deleted: bool = False
-    """Retention removed its files: it can no longer be promoted."""
-
-    @property
-    def updated_unix(self) -> float:
-        return self.history[-1].unix if self.history else self.registered_unix
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> CheckpointRecord:
-        d = dict(d)
-        d["history"] = [Transition(**t) for t in d.get("history", [])]
-        if d.get("validation") is not None:
-            d["validation"] = Validation(**d["validation"])
-        return cls(**d)
-
-
-@dataclass
-class ReplicaSwap:
-    """One replica's part in a swap."""
-
-    replica_id: str
-    stage_s: float | None = None
-    commit_s: float | None = None
-    swap_mode: str = ""
-    error: str = ""
-    skipped: bool = False
-    """It already served the version (nothing to load)."""
-
-
-@dataclass
-class SwapRecord:
-    swap_id: int
-    kind: SwapKind
-    version: int
-    previous_version: int | None
-    started_unix: float
-    registered_unix: float
-    """When ``version`` was registered: registered → all replicas serving is the swap latency
-    the product cares about (validation included)."""
-    outcome: SwapOutcome = "running"
-    reason: str = ""
-    finished_unix: float | None = None
-    swap_mode: str = ""
-    replicas: dict[str, ReplicaSwap] = field(default_factory=dict)
-    failed_replica: str = ""
-    """The replica whose stage or commit failed ("" when none did, or a timeout)."""
-    failure_kind: str = ""
-    """"checkpoint" (the version is rejected) or "environment" (it stays promotable)."""
-    canary: dict[str, Any] | None = None
-    """Canary measurements: perplexities of both versions on the same tokens, logprob drift."""
-
-    @property
-    def seconds(self) -> float | None:
-        """Swap start (stage sent) → every replica committed."""
-        return None if self.finished_unix is None else self.finished_unix - self.started_unix
-
-    @property
-    def registered_to_serving_s(self) -> float | None:
-        if self.finished_unix is None or self.outcome != "ok":
-            return None
-        return self.finished_unix - self.registered_unix
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SwapRecord:
-        d = dict(d)
-        d["replicas"] = {k: ReplicaSwap(**v) for k, v in d.get("replicas", {}).items()}
-        return cls(**d)
-
-
-@dataclass
-class TrainingProgress:
-    """The trainer's last report (through the hook, or ``Orchestrator.report_progress``)."""
-
-    step: int | None = None
-    tokens_seen: int | None = None
-    loss: float | None = None
-    heldout_loss: float | None = None
-    updated_unix: float = 0.0
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -518,16 +402,4 @@ def _float_or_none(x: Any) -> float | None:
     return None if x is None else float(x)
 
 
-__all__ = [
-    "ALLOWED",
-    "STATUSES",
-    "CheckpointRecord",
-    "Registry",
-    "RegistryError",
-    "ReplicaSwap",
-    "Status",
-    "SwapRecord",
-    "TrainingProgress",
-    "Transition",
-    "Validation",
-]
+__all__ = ["ALLOWED", "Registry", "RegistryError"]

@@ -24,7 +24,8 @@ from kilnlm.actors.orchestrator_config import (
     PreconditionError,
     SwapAborted,
 )
-from kilnlm.actors.registry import CheckpointRecord, Registry, ReplicaSwap, SwapKind, SwapRecord
+from kilnlm.actors.registry import Registry
+from kilnlm.actors.registry_records import CheckpointRecord, ReplicaSwap, SwapKind, SwapRecord
 from kilnlm.actors.replica_set import ReplicaSet, ReplicaState, serve_running_count
 from kilnlm.actors.swap_agent import CommandKind, Heartbeat, Hello, Result, Target
 from kilnlm.checkpoint import remote

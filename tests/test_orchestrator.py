@@ -35,12 +35,13 @@ from kilnlm.actors.orchestrator import (
     heldout_ids,
     run_gate,
 )
-from kilnlm.actors.registry import Registry, RegistryError, Validation
+from kilnlm.actors.registry import Registry, RegistryError
 from kilnlm.actors.serving_model import ServingModel
 from kilnlm.actors.swap_agent import DirectLink, Hello, SwapAgent
 from kilnlm.checkpoint import save_pretrained
 from kilnlm.engine import EngineConfig
 from kilnlm.eval import evaluate
+from kilnlm.gate import Validation
 from kilnlm.model import ModelConfig, Transformer
 from kilnlm.serving_config import ServeConfig
 from kilnlm.tokenizer import Tokenizer
