@@ -8,7 +8,8 @@ One iteration:
    version (``pin_version``, checked where the engine admits the request), with
    ``logprobs=0``; every returned chunk names the ``model_version`` whose weights made it, and
    a sample is tagged with that version, never with the driver's guess;
-2. **reward** — a Ray task calls the ``module:function`` reward on (prompt, completion) text;
+2. **reward** — a Ray task calls the ``module:function`` reward on (prompt, completion) text,
+   or reads a reward-model export's head (``cluster/rl_reward.py``);
 3. **staleness** — samples go into ``kilnlm.rl.buffer.StalenessBuffer``: older than
    ``max_staleness`` versions are dropped and counted, the rest are trained on;
 4. **update** — π0's log-probs of the samples are computed here once
@@ -24,7 +25,6 @@ served the sample (the same weights; its numeric path is the trainer's, not the 
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -38,9 +38,11 @@ import torch
 from kilnlm.actors.protocol import GenerationChunk, GenerationRequest, merge_chunks
 from kilnlm.cluster.config import ClusterConfig
 from kilnlm.cluster.launcher import launch_spec
+from kilnlm.cluster.rl_reward import reward_env, score_rewards, score_task
 from kilnlm.cluster.worker import WorkerSpec
 from kilnlm.rl.buffer import Sample, StalenessBuffer
 from kilnlm.rl.plugin import RLPlugin, reference_logps
+from kilnlm.rl.prompts import RLPrompt, as_prompt, prompt_ids
 from kilnlm.rl.toy import ToyPosterior, ToySpec, restricted_logprobs
 from kilnlm.sampling import SamplingParams
 from kilnlm.train import TrainConfig
@@ -53,8 +55,9 @@ class RLLoopConfig:
     policy: str
     """π0's export: the first served version and the KL reference."""
     reward: str
-    """``package.module:function`` taking (prompt, completion) text."""
-    prompts: tuple[str, ...]
+    """``package.module:function`` taking (prompt, completion) text, or a reward-model export."""
+    prompts: tuple[str | RLPrompt, ...]
+    """Plain text or chats (``kilnlm.rl.prompts``; a bare string is plain text)."""
     beta: float
     out: str
     samples: int = 8
@@ -107,11 +110,11 @@ class IterationRecord:
 
 
 def sample_requests(
-    prompts: Sequence[str], cfg: RLLoopConfig, version: int, iteration: int
+    prompts: Sequence[str | RLPrompt], cfg: RLLoopConfig, version: int, iteration: int
 ) -> list[tuple[int, GenerationRequest]]:
     """(prompt index, request) for k samples per prompt, pinned to ``version``, each seeded."""
     out = []
-    for p, text in enumerate(prompts):
+    for p, prompt in enumerate(prompts):
         for j in range(cfg.samples):
             params = SamplingParams(
                 temperature=1.0,
@@ -124,7 +127,9 @@ def sample_requests(
                 ),
             )
             request = GenerationRequest(
-                request_id=f"rl-{uuid.uuid4().hex[:12]}", params=params, prompt=text
+                request_id=f"rl-{uuid.uuid4().hex[:12]}",
+                params=params,
+                **as_prompt(prompt).request_fields(),
             )
             out.append((p, replace(request, pin_version=version)))
     return out
@@ -163,22 +168,6 @@ def to_sample(
         lps.append(eos_lp(ids))
         ids.append(eos_id)
     return Sample(prompt_ids, tuple(ids), tuple(lps), chunk.finish.model_version, 0.0, group)
-
-
-@ray.remote(num_cpus=0.25)
-def score_task(reward: str, pairs: list[tuple[str, str]]) -> list[float]:
-    """Rewards in a Ray task: the user's function is imported there (``load_reward``)."""
-    from kilnlm.rl.reward import load_reward
-
-    fn = load_reward(reward)
-    return [float(fn(p, c)) for p, c in pairs]
-
-
-def reward_env() -> dict[str, Any]:
-    """The task finds the reward's module as this command does: the current directory and
-    PYTHONPATH travel as the task's PYTHONPATH."""
-    path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
-    return {"env_vars": {"PYTHONPATH": path}}
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,20 +210,20 @@ class RLLoop:
         chunks = generate_through(self.handle, [r for _, r in requests])
         samples = []
         for (p, _), chunk in zip(requests, chunks, strict=True):
-            prompt_ids = tuple(self.tokenizer.encode_prompt(self.cfg.prompts[p]))
+            ids = tuple(prompt_ids(self.tokenizer, self.cfg.prompts[p]))
             group = iteration * len(self.cfg.prompts) + p
             eos = self.tokenizer.eos_id
             version = chunk.finish.model_version if chunk.finish else 0
             samples.append(
                 to_sample(
                     chunk,
-                    prompt_ids,
+                    ids,
                     group,
                     eos,
-                    lambda ids, v=version, q=prompt_ids: self._eos_logprob(v, q, ids),
+                    lambda letters, v=version, q=ids: self._eos_logprob(v, q, letters),
                 )
             )
-        return self.score(samples)
+        return self.score(samples, [as_prompt(self.cfg.prompts[p]) for p, _ in requests])
 
     def _eos_logprob(self, version: int, prompt_ids: Sequence[int], letters: list[int]) -> float:
         from kilnlm.checkpoint import load
@@ -245,13 +234,15 @@ class RLLoop:
         return eos_logprob(model, prompt_ids, letters, self.tokenizer.eos_id,
                            self.cfg.allowed_token_ids)  # fmt: skip
 
-    def score(self, samples: list[Sample]) -> list[Sample]:
+    def score(self, samples: list[Sample], prompts: Sequence[RLPrompt]) -> list[Sample]:
+        """Rewards in a Ray task (``cluster/rl_reward.py``); a function sees the prompt ids
+        decoded (special tokens written out) and the completion's text without the eos, a
+        reward model the prompt's conversation and the same completion text."""
         decode = self.tokenizer.decode
         eos = self.tokenizer.eos_id
-        pairs = [(decode(s.prompt_ids), decode([t for t in s.completion_ids if t != eos]))
-                 for s in samples]  # fmt: skip
-        task = score_task.options(runtime_env=reward_env())
-        rewards = ray.get(task.remote(self.cfg.reward, pairs))
+        texts = [decode(s.prompt_ids) for s in samples]
+        completions = [decode([t for t in s.completion_ids if t != eos]) for s in samples]
+        rewards = score_rewards(self.cfg.reward, prompts, texts, completions)
         return [replace(s, reward=r) for s, r in zip(samples, rewards, strict=True)]
 
     def train(self, samples: list[Sample], iteration: int) -> tuple[str, float]:
@@ -383,6 +374,7 @@ __all__ = [
     "RLLoop",
     "RLLoopConfig",
     "generate_through",
+    "reward_env",
     "sample_requests",
     "score_task",
     "to_sample",

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kilnlm.cluster.rl import IterationRecord, RLLoop, RLLoopConfig
+from kilnlm.cluster.rl_watch import RunWatch
 from kilnlm.rl.toy import ToyPosterior, ToySpec
 
 RL_MAX_PPL_INCREASE = 100.0
@@ -115,21 +116,28 @@ def run_live(
     toy: ToyPosterior | None = None,
     app: str = "kiln-rl",
     say: Callable[[str], None] = print,
+    clients: bool = True,
 ) -> dict[str, Any]:
-    """The whole run; returns the JSON summary (``metrics.csv``/``toy.json`` are in ``cfg.out``)."""
+    """The whole run; returns the JSON summary (``metrics.csv``/``toy.json`` are in ``cfg.out``).
+    ``clients``: a background gRPC client streams through the gateway all along (``RunWatch``)."""
     from kilnlm.cluster.launcher import ensure_ray
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     ensure_ray(4)
     handle, orchestrator, version = start_serving(cfg, app, heldout)
+    watch = None
     try:
+        watch = RunWatch(cfg, app, handle, version, clients)
         loop = RLLoop(cfg, handle, orchestrator, version, toy, say)
         start = loop.exact(loop.exports[version])
         for i in range(cfg.iterations):
             say(format_record(loop.iterate(i)))
             write_csv(out / "metrics.csv", loop.records)
+        watch.finish(loop)
     finally:
+        if watch is not None:
+            watch.close()
         stop_serving(app)
     summary: dict[str, Any] = {
         "beta": cfg.beta,
@@ -137,6 +145,7 @@ def run_live(
         "start": start,
         "iterations": [row(r) for r in loop.records],
         "versions": loop.toy_json(toy.spec)["versions"] if toy else None,
+        **watch.summary(loop),
     }
     png = plot_reward_kl(loop.records, out / "reward-kl.png", f"kiln rl, β {cfg.beta:g}")
     summary["png"] = None if png is None else str(png)

@@ -8,6 +8,13 @@ the current directory is searched explicitly, through the import system's own pa
 without editing ``sys.path``.
 
 ``toy_reward`` is the toy's default (``kilnlm.rl.reward:toy_reward``).
+
+A reward can also be a **reward-model export** (``kiln reward train``: its manifest names the
+``reward_head``). ``score_replies`` reads it exactly as ``kiln reward score`` does: the prompt
+conversation with the generation prompt (``encode_chat``), the reply's text encoded, the closing
+``<|eos|>``, the head's logit there (``kilnlm.posttrain.reward.rewards``), so a (prompt,
+completion) gets the value ``kiln reward score`` prints for it. ``reward_kind`` tells the two
+apart: an existing folder is a reward model, ``module:function`` is a function.
 """
 
 from __future__ import annotations
@@ -17,8 +24,11 @@ import importlib.machinery
 import importlib.util
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from functools import lru_cache
+from pathlib import Path
 from types import ModuleType
+from typing import Any, Literal
 
 RewardFn = Callable[[str, str], float]
 
@@ -70,4 +80,82 @@ def _import(module_name: str) -> ModuleType:
     return importlib.import_module(module_name)  # submodules resolve through the package's path
 
 
-__all__ = ["TOY_REWARD", "RewardFn", "load_reward", "toy_reward"]
+def reward_kind(spec: str) -> Literal["model", "function"]:
+    """``model`` for a reward-model export folder, ``function`` for ``module:function``; a
+    ValueError saying what to give otherwise (checked before any Ray is started)."""
+    path = Path(spec)
+    if path.is_dir():
+        from kilnlm.checkpoint import read_manifest
+
+        if not (path / "manifest.json").is_file():
+            raise ValueError(f"--reward {spec}: a folder without manifest.json is not an export")
+        head = read_manifest(path).fields.get("reward_head")
+        if not isinstance(head, dict):
+            raise ValueError(
+                f"--reward {spec} is an export without a reward_head (not a reward model); "
+                "train one with `kiln reward train`, or give package.module:function"
+            )
+        return "model"
+    if ":" in spec:
+        return "function"
+    raise ValueError(
+        f"--reward {spec!r} is neither a folder (a reward-model export) nor package.module:function"
+    )
+
+
+@lru_cache(maxsize=2)
+def _reward_model(path: str) -> tuple[Any, Any, int]:
+    """(model, tokenizer, head id), loaded once per process: a Ray worker that scores every
+    iteration keeps it (an export is immutable, so the path is a sound key)."""
+    from kilnlm.checkpoint import load_tokenizer
+    from kilnlm.posttrain.reward import load_reward_model
+
+    model, head = load_reward_model(path)
+    return model.eval(), load_tokenizer(path), head
+
+
+def score_replies(
+    path: str,
+    prompts: Sequence[Sequence[Mapping[str, str]]],
+    replies: Sequence[str],
+    batch_size: int = 16,
+) -> list[float]:
+    """r(prompt, reply) under the reward-model export at ``path``, in order (``kiln reward
+    score``'s encoding and head; rows right-padded in batches, read at each row's own eos)."""
+    import torch
+
+    from kilnlm.chat import encode_chat
+    from kilnlm.posttrain.plugin import right_pad
+    from kilnlm.posttrain.reward import encode_reply, rewards
+
+    model, tok, head = _reward_model(str(Path(path).absolute()))
+    rows = [
+        list(encode_reply(tok, encode_chat(tok, list(p), add_generation_prompt=True), r))
+        for p, r in zip(prompts, replies, strict=True)
+    ]
+    context = model.config.block_size
+    too_long = [i for i, row in enumerate(rows) if len(row) > context]
+    if too_long:
+        raise ValueError(
+            f"{len(too_long)} prompt + completion rows are longer than the reward model's context "
+            f"({context} tokens; the longest is {max(len(rows[i]) for i in too_long)}): lower "
+            "--max-tokens or shorten the prompts"
+        )
+    out: list[float] = []
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i : i + batch_size]
+            ids = right_pad(chunk, tok.pad_id)
+            last = torch.tensor([len(r) - 1 for r in chunk])
+            out += rewards(model, ids, last, head).tolist()
+    return out
+
+
+__all__ = [
+    "TOY_REWARD",
+    "RewardFn",
+    "load_reward",
+    "reward_kind",
+    "score_replies",
+    "toy_reward",
+]
