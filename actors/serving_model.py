@@ -2,9 +2,10 @@
 
 The engine works in token ids (STYLE.md 5); this class is where text becomes ids and back for
 a replica: it encodes prompts and chat conversations, checks them against the model (empty,
-longer than the context), streams the engine's deltas as ``GenerationChunk``s, scores text, and
-holds the two-phase hot-swap (``stage`` then ``commit``) that the orchestrator drives through
-the replica's swap agent (the only control path).
+longer than the context), streams the engine's deltas as ``GenerationChunk``s (the conversions
+are ``engine_protocol.py``'s), scores text, and holds the two-phase hot-swap (``stage`` then
+``commit``) that the orchestrator drives through the replica's swap agent (the only control
+path).
 
 Which version serves is the engine's to say, never this class's: ``current``, ``info``,
 ``score`` and ``evaluate`` read the engine's snapshot (version, weights, and the ``Served``
@@ -23,17 +24,21 @@ import contextlib
 import functools
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, replace
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
 from kilnlm import checkpoint
+from kilnlm.actors.engine_protocol import (
+    arrived_together,
+    engine_deadline,
+    to_chunk,
+    version_errors,
+)
 from kilnlm.actors.protocol import (
-    AbortedError,
     DeadlineExceededError,
-    Finish,
     GenerationChunk,
     GenerationRequest,
     ModelInfo,
@@ -43,21 +48,10 @@ from kilnlm.actors.protocol import (
     RewardResult,
     ScoreRequest,
     ScoreResult,
-    VersionMismatchError,
-    VersionUnavailableError,
     merge_chunks,
 )
 from kilnlm.chat import encode_chat
-from kilnlm.engine import (
-    AsyncLLMEngine,
-    EngineConfig,
-    LLMEngine,
-    RequestOutput,
-    Snapshot,
-    VersionError,
-    VersionMismatch,
-    VersionRule,
-)
+from kilnlm.engine import AsyncLLMEngine, EngineConfig, LLMEngine, Snapshot, VersionRule
 from kilnlm.engine.engine import DTYPES
 from kilnlm.errors import InvalidArgumentError
 from kilnlm.eval import EvalResult, token_logprobs
@@ -67,8 +61,6 @@ from kilnlm.posttrain.reward import encode_reply, rewards
 from kilnlm.sampling import SamplingParams
 from kilnlm.serving_config import ServeConfig
 from kilnlm.tokenizer import Tokenizer
-
-T = TypeVar("T")
 
 
 @dataclass
@@ -117,13 +109,6 @@ def load_checkpoint(
         )
     model = checkpoint.load(path, device=device, dtype=dtype, verify=False)
     return LoadedModel(model.eval(), tokenizer, version, str(path))
-
-
-def _engine_deadline(wall_deadline: float | None) -> float | None:
-    """The request's wall-clock deadline on this process's monotonic clock (the engine's)."""
-    if wall_deadline is None:
-        return None
-    return time.monotonic() + (wall_deadline - time.time())
 
 
 class ServingModel:
@@ -252,7 +237,7 @@ class ServingModel:
         """Lease the engine's snapshot (its weights stay as they are meanwhile) and check the
         version rule against the version that will produce the answer."""
         async with self._engine().reading() as snapshot:
-            with _version_errors():
+            with version_errors():
                 VersionRule(min_version, pin_version).check(snapshot.version)
             yield snapshot
 
@@ -299,7 +284,7 @@ class ServingModel:
         snapshot = engine.snapshot()
         ids = self.encode(request, snapshot)
         params = self._params(request.params, snapshot.payload.tokenizer)
-        deadline = _engine_deadline(request.deadline)
+        deadline = engine_deadline(request.deadline)
         if deadline is not None and deadline <= time.monotonic():
             raise DeadlineExceededError("the request's deadline passed before it was scheduled")
         versions = VersionRule(request.min_version, request.pin_version)
@@ -308,7 +293,7 @@ class ServingModel:
         outputs = engine.generate(
             uuid.uuid4().hex, ids, params, deadline, versions, request.resume_token_ids
         )
-        with _version_errors():
+        with version_errors():
             async with contextlib.aclosing(arrived_together(outputs)) as batches:
                 async for batch in batches:
                     yield merge_chunks([to_chunk(out, request.request_id) for out in batch])
@@ -432,87 +417,4 @@ def _loaded(snapshot: Snapshot) -> LoadedModel:
     return LoadedModel(snapshot.model, served.tokenizer, snapshot.version, served.checkpoint)
 
 
-@contextlib.contextmanager
-def _version_errors() -> Iterator[None]:
-    """The engine's version errors as the replica protocol's (the gateway maps those)."""
-    try:
-        yield
-    except VersionMismatch as e:
-        raise VersionMismatchError(str(e)) from e
-    except VersionError as e:
-        raise VersionUnavailableError(str(e)) from e
-
-
-async def arrived_together(stream: AsyncIterator[T]) -> AsyncIterator[list[T]]:
-    """Each time the consumer asks, everything ``stream`` produced since, as one list.
-
-    Why: a replica under load yields slower than the engine steps (every yield is a Ray object
-    and then a gRPC message), so per-step deltas pile up; sending them as one chunk cuts the
-    per-message cost exactly when it matters and adds no delay when the consumer keeps up.
-    Closing this iterator cancels the reader, which closes ``stream`` (the engine aborts).
-    """
-    arrived: asyncio.Queue[Any] = asyncio.Queue()
-    end = object()
-
-    async def read() -> None:
-        try:
-            async for item in stream:
-                arrived.put_nowait(item)
-            arrived.put_nowait(end)
-        except Exception as e:  # delivered to the consumer, in order
-            arrived.put_nowait(e)
-
-    reader = asyncio.create_task(read())
-    try:
-        while True:
-            items = [await arrived.get()]
-            while not arrived.empty():
-                items.append(arrived.get_nowait())
-            done = items[-1] is end or isinstance(items[-1], Exception)
-            batch = [x for x in items if x is not end and not isinstance(x, Exception)]
-            if batch:
-                yield batch
-            if isinstance(items[-1], Exception):
-                raise items[-1]
-            if done:
-                return
-    finally:
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader
-
-
-def to_chunk(out: RequestOutput, request_id: str) -> GenerationChunk:
-    """An engine delta as a chunk; a request the engine ended early raises the matching error."""
-    if out.finish_reason == "deadline":
-        raise DeadlineExceededError(f"request {request_id} passed its deadline; generation stopped")
-    if out.finish_reason == "abort":
-        raise AbortedError(f"request {request_id} was aborted: the replica is shutting down; retry")
-    finish = None
-    if out.finished:
-        assert out.finish_reason in ("eos", "stop", "length")
-        finish = Finish(
-            finish_reason=out.finish_reason,
-            prompt_tokens=out.num_prompt_tokens,
-            completion_tokens=out.num_completion_tokens,
-            seed=out.seed,
-            model_version=out.version,
-            request_id=request_id,
-        )
-    return GenerationChunk(
-        text=out.text or "",
-        token_ids=list(out.token_ids),
-        logprobs=list(out.logprobs or []),
-        finish=finish,
-        model_version=out.version,
-    )
-
-
-__all__ = [
-    "LoadedModel",
-    "ServingModel",
-    "arrived_together",
-    "load_checkpoint",
-    "resolve_device",
-    "to_chunk",
-]
+__all__ = ["LoadedModel", "ServingModel", "load_checkpoint", "resolve_device"]
