@@ -273,6 +273,31 @@ def find_resume_checkpoint(latest: str | Path, run_dir: str | Path | None = None
     )
 
 
+def choose_resume(tracked: str | Path | None, run_dir: str | Path) -> ResumePoint | None:
+    """Where a (re)started worker group resumes: the newest intact checkpoint among the one Ray
+    Train tracks and those in the run folder; None when there is neither (a fresh run).
+
+    Ray Train knows a checkpoint only once the controller has collected every rank's report of
+    it. On a loaded machine a worker group can die after writing (and uploading, in sync mode)
+    a checkpoint but before that report is collected; Ray then offers the one before, or none,
+    and the run would silently redo those steps (CI saw an SFT run resume from step 0 with an
+    intact step-10 checkpoint on disk). Every checkpoint of the run is a state of the same
+    deterministic run, so the newest one that verifies is the right place to continue.
+    """
+    run_dir = Path(run_dir)
+    newest = next(iter(list_checkpoints(run_dir)), None)
+    if tracked is None and newest is None:
+        return None
+    latest = Path(tracked) if tracked is not None else newest
+    assert latest is not None
+    if newest is not None and (parse_checkpoint_name(newest.name) or (0, 0)) > (
+        parse_checkpoint_name(latest.name) or (0, 0)
+    ):
+        log.warning("resuming from %s, newer than the checkpoint Ray Train tracks", newest.name)
+        latest = newest
+    return find_resume_checkpoint(latest, run_dir)
+
+
 @contextlib.contextmanager
 def local_copy(uri: str) -> Iterator[Path]:
     """A local folder with the contents of ``uri``: the folder itself when it is local, else a

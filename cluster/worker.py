@@ -10,7 +10,8 @@ numbers and call ``ray.train.report``; every ``checkpoint_every`` steps they als
 checkpoint, and rank 0 hands a consolidated copy of the weights to a background export.
 
 A restarted worker group resumes from ``ray.train.get_checkpoint()`` (verified first; see
-``cluster.checkpointing.find_resume_checkpoint``) and continues at the step after it, so a run
+``cluster.checkpointing.choose_resume``, which also sees a checkpoint whose report Ray
+never collected) and continues at the step after it, so a run
 interrupted any number of times computes the same losses as one that never was.
 """
 
@@ -33,7 +34,7 @@ from kilnlm.cluster.checkpointing import (
     TrainState,
     capture_rng,
     checkpoint_dir_name,
-    find_resume_checkpoint,
+    choose_resume,
     gather_full_state_dict,
     load_sharded,
     local_copy,
@@ -195,12 +196,10 @@ class WorkerLoop:
 
     def resume(self) -> None:
         """Load the newest intact checkpoint, if the run has one. Rank 0 picks it (hashing every
-        file once, not once per rank) and tells the others."""
+        file once, not once per rank) and tells the others; a run with none starts at step 0."""
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return
         start = time.perf_counter()
         choice: list[Any] = [None]
         if self.rank == 0:
@@ -208,7 +207,9 @@ class WorkerLoop:
         dist.broadcast_object_list(choice, src=0)
         path, skipped = choice[0]
         if path is None:
-            raise RuntimeError(skipped[0])
+            if skipped:
+                raise RuntimeError(skipped[0])
+            return
         with local_copy(path) as local:
             self.state = load_sharded(local, self.model, self.optimizer, self.rank)
         restore_rng(self.state, self.device)
@@ -218,13 +219,15 @@ class WorkerLoop:
         self.state.world_size, self.state.grad_accum_steps = self.world, self.cfg.grad_accum_steps
         self.restore_s = time.perf_counter() - start
 
-    @staticmethod
-    def _choose_checkpoint(checkpoint: Any) -> tuple[str | None, list[str]]:
+    def _choose_checkpoint(self, checkpoint: Any) -> tuple[str | None, list[str]]:
+        """(path, refusals) of the checkpoint to resume from; (None, []) for a fresh run."""
         import pyarrow.fs
 
         from kilnlm.checkpoint import CheckpointError
 
-        if not isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        if checkpoint is not None and not isinstance(
+            checkpoint.filesystem, pyarrow.fs.LocalFileSystem
+        ):
             # Remote storage: verify the one Ray offers on a local copy (no fallback scan).
             uri = checkpoint.filesystem.type_name + "://" + checkpoint.path
             with checkpoint.as_directory() as local:
@@ -233,11 +236,14 @@ class WorkerLoop:
                 except CheckpointError as e:
                     return None, [str(e)]
             return uri, []
+        if "://" in self.spec.run_uri and not self.spec.run_uri.startswith("file://"):
+            return None, []  # remote run folder and no tracked checkpoint: a fresh run
+        run_dir = self.spec.run_uri.removeprefix("file://")
         try:
-            point = find_resume_checkpoint(checkpoint.path)
+            point = choose_resume(None if checkpoint is None else checkpoint.path, run_dir)
         except CheckpointError as e:
             return None, [str(e)]
-        return str(point.path), point.skipped
+        return (None, []) if point is None else (str(point.path), point.skipped)
 
     # ---- the loop -----------------------------------------------------------------------------
 

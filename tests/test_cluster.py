@@ -266,3 +266,17 @@ def test_memory_levers_reach_the_workers_and_train_like_the_reference(reference,
     assert got != want
     assert [got[s] for s in sorted(got)] == pytest.approx([want[s] for s in sorted(want)], abs=0.05)
     assert len(levers.exports) == 2 and len(list_checkpoints(levers.run_uri)) == 2
+
+
+def test_a_checkpoint_whose_report_ray_never_collected_is_resumed_from(
+    ray_cluster, corpus: str, storage: Path
+) -> None:
+    """The worker group died after writing step K's checkpoint but before Ray Train collected
+    its report (CI hit it under load: an SFT run restarted from step 0 with step 10 on disk).
+    Made deterministic by deleting Ray's record of the run's checkpoints between two launches."""
+    first = launch(job(corpus, storage, "untracked", stop_at_step=K, export=False))
+    assert first.worker_result["final_step"] == K
+    (Path(first.run_uri) / "checkpoint_manager_snapshot.json").unlink()
+    second = launch(job(corpus, storage, "untracked", stop_at_step=K + 1, export=False))
+    assert second.worker_result["resumed_from"] == K
+    assert [r["step"] for r in second.history] == [K + 1]

@@ -403,3 +403,16 @@ def test_copying_a_checkpoint_folder_keeps_it_valid(
         "optimizer_settings.json",
         "train_state-rank00000.json",
     }
+
+
+def test_resume_takes_a_checkpoint_ray_never_tracked(saved: tuple[Path, list[float]]) -> None:
+    """A worker group can die after writing a checkpoint but before Ray Train collects its
+    report: Ray then offers the older one (or none). The newest intact one is taken."""
+    from kilnlm.cluster.checkpointing import choose_resume
+
+    run_dir, _ = saved
+    older, newest = run_dir / checkpoint_dir_name(2, 0), run_dir / checkpoint_dir_name(4, 0)
+    for tracked in (None, older, newest):
+        point = choose_resume(tracked, run_dir)
+        assert point is not None and point.path == newest and point.state.step == 4
+    assert choose_resume(None, run_dir / "fresh-run") is None
