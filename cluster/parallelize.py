@@ -118,8 +118,9 @@ def parallelize(
     """
     policy = mixed_precision(param_dtype, reduce_dtype)
     # Pinned host memory needs CUDA; on a CPU-only machine the shards are host memory already.
-    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else None
-    offload = offload or OffloadPolicy()
+    offload = (
+        CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
+    )
     blocks = list(model.blocks)
     for i, block in enumerate(blocks):
         last = i == len(blocks) - 1
