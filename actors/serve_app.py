@@ -34,6 +34,8 @@ def deployment_options(config: ServeConfig) -> dict[str, Any]:
             "num_gpus": config.replica_num_gpus,
         },
     }
+    if config.replica_resource:  # one unit: a node advertising N of it hosts at most N replicas
+        options["ray_actor_options"]["resources"] = {config.replica_resource: 1}
     if config.autoscaling:
         options["autoscaling_config"] = {
             "min_replicas": config.min_replicas,

@@ -27,6 +27,11 @@ class ClusterConfig:
     cpus_per_worker: float = 1.0
     """Logical CPUs each worker asks Ray for; fractional lets trainers, replicas and the gateway
     share a 2-core laptop (DESIGN.md: Ray resources are logical)."""
+    worker_resource: str | None = None
+    """A custom Ray resource each worker asks one unit of, e.g. "kiln_trainer": the training
+    workers then land only on the nodes that advertise it (``ray start --resources
+    '{"kiln_trainer": 8}'``, or ``resources:`` of a ``ray up`` node type), so a cluster can keep
+    trainers and serving replicas on different nodes. None: any node with the CPUs (and GPUs)."""
     torch_threads: int = 1
     """torch intra-op threads per worker; keep workers x threads <= physical cores."""
     storage_path: str = "runs"
@@ -73,6 +78,7 @@ class ClusterConfig:
             ("workers", self.workers >= 1, ">= 1"),
             ("cpus_per_worker", self.cpus_per_worker > 0, "> 0"),
             ("torch_threads", self.torch_threads >= 1, ">= 1"),
+            ("worker_resource", _custom_resource(self.worker_resource), CUSTOM_RESOURCE),
             ("storage_path", bool(self.storage_path), "a folder or URI"),
             ("name", bool(self.name) and "/" not in self.name, "a non-empty name without '/'"),
             ("num_to_keep", self.num_to_keep >= 1, ">= 1"),
@@ -173,6 +179,16 @@ def load_job(path: str | os.PathLike[str] | None = None) -> JobConfig:
 
 def _none_or(value: float | None, least: float) -> bool:
     return value is None or value >= least
+
+
+CUSTOM_RESOURCE = "None or the name of a custom Ray resource (not CPU, GPU, memory, ...)"
+BUILTIN_RESOURCES = frozenset({"CPU", "GPU", "TPU", "memory", "object_store_memory"})
+
+
+def _custom_resource(name: str | None) -> bool:
+    """None, or a custom resource's name: a built-in one would double what the worker already
+    asks for (``cpus_per_worker``, ``use_gpu``) instead of naming the nodes it may use."""
+    return name is None or (bool(name.strip()) and name not in BUILTIN_RESOURCES)
 
 
 def resolve_grad_accum(train: TrainConfig, cluster: ClusterConfig, world_size: int) -> TrainConfig:

@@ -47,6 +47,10 @@ class ServeConfig:
     replica_num_cpus: float = 0.5
     """Logical CPUs per replica: fractional so replicas, gateway and trainers fit on a laptop."""
     replica_num_gpus: float = 0.0
+    replica_resource: str | None = None
+    """A custom Ray resource each replica asks one unit of, e.g. "kiln_replica": replicas then
+    land only on the nodes that advertise it, apart from the nodes that train (ClusterConfig.
+    worker_resource). None: any node with the CPUs (and GPUs)."""
     gateway_num_cpus: float = 0.25
     gateway_resources: dict[str, float] = field(default_factory=dict)
     """Custom Ray resources for the gateway, e.g. {"kiln_gateway": 1} to pin it to the head node."""
@@ -136,6 +140,13 @@ class ServeConfig:
         for name in ("torch_threads", "retry_after_ms", "max_score_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.replica_resource is not None and (
+            not self.replica_resource.strip() or self.replica_resource in ("CPU", "GPU", "memory")
+        ):
+            raise ValueError(
+                "replica_resource must be None or the name of a custom Ray resource (not CPU, "
+                f"GPU or memory: replica_num_cpus/gpus ask for those), got {self.replica_resource!r}"
+            )
         if self.replica_num_gpus < 0:
             raise ValueError(f"replica_num_gpus must be >= 0, got {self.replica_num_gpus}")
         if not self.stream_interval_s >= 0:

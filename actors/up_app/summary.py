@@ -53,6 +53,9 @@ class UpSummary:
     settled: bool
     """Every checkpoint reached a final state before the summary (false: settle_timeout_s)."""
     training_error: str | None = None
+    resumed_from: int = 0
+    """The checkpoint step the last group of trainers resumed from: 0 when training ran through,
+    > 0 after a worker-group restart (a worker or its node lost; FailureConfig max_failures)."""
     ngram: dict[str, Any] | None = None
     """The best Kneser-Ney baseline on the gate's held-out tokens: order, perplexity,
     bits_per_byte (None: not computed)."""
@@ -123,6 +126,10 @@ class UpSummary:
         lines += _energy_lines(self.energy)
         if not self.settled:
             lines.append("  note      the last checkpoints were still being validated or swapped")
+        if self.resumed_from:
+            lines.append(
+                f"  training  restarted, resumed from the checkpoint of step {self.resumed_from}"
+            )
         if self.training_error:
             lines.append(f"  training  FAILED: {self.training_error}")
         return "\n".join(lines)
