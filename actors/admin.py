@@ -21,7 +21,7 @@ from kilnlm.actors.orchestrator_config import (
 )
 from kilnlm.actors.registry import RegistryError
 from kilnlm.actors.registry_records import CheckpointRecord, SwapRecord
-from kilnlm.actors.swap_agent import orchestrator_name
+from kilnlm.actors.swap_messages import orchestrator_name
 from kilnlm.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kilnlm.actors.swap_agent import Command, CommandKind, Heartbeat, Hello, Result, Target
+from kilnlm.actors.swap_messages import Command, CommandKind, Heartbeat, Hello, Result, Target
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,9 @@ down) and the agent attaches again; the replica keeps serving what it serves mea
 no orchestrator at all (``kiln serve`` alone) the agent keeps looking for one, every few
 seconds, and the replica serves its ``--checkpoint``.
 
-The link to the orchestrator is injected (``ActorLink`` over Ray, ``DirectLink`` to an object
-in this process), so the protocol runs in-process in tests with real replicas and no Serve.
+The messages both sides exchange are ``swap_messages.py``'s. The link to the orchestrator is
+injected (``ActorLink`` over Ray, ``DirectLink`` to an object in this process), so the protocol
+runs in-process in tests with real replicas and no Serve.
 """
 
 from __future__ import annotations
@@ -28,120 +29,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 from kilnlm.actors.serving_model import ServingModel
+from kilnlm.actors.swap_messages import (
+    ORCHESTRATOR_NAMESPACE,
+    Attachment,
+    Command,
+    Heartbeat,
+    Hello,
+    Result,
+    Target,
+    UnknownReplica,
+    local_path,
+    orchestrator_name,
+)
 from kilnlm.checkpoint import CheckpointError, remote
 from kilnlm.energy import EnergyMeter
 from kilnlm.hotswap import FailureKind
 
 log = logging.getLogger(__name__)
-
-ORCHESTRATOR_NAMESPACE = "kiln"
-"""Ray namespace of every orchestrator (a detached actor outlives the job that made it)."""
-
-CommandKind = Literal["stage", "commit", "abort", "load", "evaluate"]
-
-
-def orchestrator_name(app_name: str) -> str:
-    """The orchestrator of a Serve application: one per application, found by this name."""
-    return f"kiln-orchestrator:{app_name}"
-
-
-def local_path(uri: str) -> str:
-    """Where a checkpoint URI is read from: the absolute local path of a path or file://path; an
-    object-store URI (s3://, gs://) as it is (each replica fetches it into its node's cache)."""
-    if remote.is_remote(uri):
-        return uri
-    return os.path.abspath(uri.removeprefix("file://"))
-
-
-# --------------------------------------------------------------------------------------------
-# Protocol messages (pickled across Ray)
-
-
-@dataclass
-class Target:
-    """A version and where to load it from."""
-
-    version: int
-    path: str
-
-
-@dataclass
-class Hello:
-    """What a replica tells the orchestrator when it attaches."""
-
-    replica_id: str
-    actor_name: str | None
-    """Its Ray actor name (Serve names replicas), so the orchestrator can tell it died."""
-    namespace: str | None
-    version: int
-    """Version it serves now (0: none)."""
-    checkpoint: str
-    staged_version: int | None
-    swap_mode: str
-
-
-@dataclass
-class Attachment:
-    target: Target | None
-    """The promoted version, to load before serving (None: nothing is promoted yet)."""
-    poll_timeout_s: float
-
-
-@dataclass
-class Command:
-    seq: int
-    kind: CommandKind
-    version: int = 0
-    path: str = ""
-    swap_id: int = 0
-    token_ids: list[int] = field(default_factory=list)
-    """``evaluate``: held-out ids to score."""
-
-
-@dataclass
-class Result:
-    seq: int
-    kind: CommandKind
-    ok: bool
-    version: int = 0
-    seconds: float = 0.0
-    swap_mode: str = ""
-    error: str = ""
-    fault: FailureKind | None = None
-    """Whose fault a failure was (``failure_kind``): "checkpoint" (bad files, another
-    architecture, another tokenizer: the orchestrator rejects it) or "environment" (a file
-    missing on this node, a timeout, a dead engine: the swap fails, the version stays
-    promotable)."""
-    logprobs: list[float] = field(default_factory=list)
-    skipped: bool = False
-    """Nothing to do: the replica already served (stage) or had flipped to (commit) it."""
-
-
-@dataclass
-class Heartbeat:
-    version: int
-    staged_version: int | None
-    executed: int
-    """Last command seq the replica had finished when it sampled this: a heartbeat older than
-    a report (the two race) must not overwrite what the report said."""
-    running: int
-    waiting: int
-    blocks_used: int
-    blocks_total: int
-    energy_joules: float = 0.0
-    """This replica process's energy since it started (kilnlm/energy.py), for ``kiln status``."""
-    energy_source: str = ""
-    generated_tokens: int = 0
-
-
-class UnknownReplica(RuntimeError):
-    """The orchestrator does not know this replica (it restarted): attach again."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -493,19 +401,4 @@ def _settled(stats: dict[str, Any], serving: int, version: int) -> bool:
     return version == serving or version not in stats.get("loaded_versions", ())
 
 
-__all__ = [
-    "ORCHESTRATOR_NAMESPACE",
-    "ActorLink",
-    "Attachment",
-    "Command",
-    "DirectLink",
-    "Heartbeat",
-    "Hello",
-    "Result",
-    "SwapAgent",
-    "Target",
-    "UnknownReplica",
-    "failure_kind",
-    "local_path",
-    "orchestrator_name",
-]
+__all__ = ["ActorLink", "DirectLink", "Link", "SwapAgent", "failure_kind"]

@@ -27,7 +27,7 @@ from kilnlm.actors.orchestrator_config import (
 from kilnlm.actors.registry import Registry
 from kilnlm.actors.registry_records import CheckpointRecord, ReplicaSwap, SwapKind, SwapRecord
 from kilnlm.actors.replica_set import ReplicaSet, ReplicaState, serve_running_count
-from kilnlm.actors.swap_agent import CommandKind, Heartbeat, Hello, Result, Target
+from kilnlm.actors.swap_messages import CommandKind, Heartbeat, Hello, Result, Target
 from kilnlm.checkpoint import remote
 from kilnlm.errors import SwapEnvironmentError
 from kilnlm.gate import heldout_ids

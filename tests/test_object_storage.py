@@ -26,7 +26,8 @@ from kilnlm import checkpoint
 from kilnlm.actors.orchestrator import CheckpointRejected
 from kilnlm.actors.registry import Registry
 from kilnlm.actors.serving_model import ServingModel
-from kilnlm.actors.swap_agent import Command, DirectLink, SwapAgent
+from kilnlm.actors.swap_agent import DirectLink, SwapAgent
+from kilnlm.actors.swap_messages import Command
 from kilnlm.checkpoint import remote
 from kilnlm.errors import SwapEnvironmentError
 from kilnlm.tokenizer import Tokenizer

@@ -37,7 +37,8 @@ from kilnlm.actors.orchestrator import (
 )
 from kilnlm.actors.registry import Registry, RegistryError
 from kilnlm.actors.serving_model import ServingModel
-from kilnlm.actors.swap_agent import DirectLink, Hello, SwapAgent
+from kilnlm.actors.swap_agent import DirectLink, SwapAgent
+from kilnlm.actors.swap_messages import Hello
 from kilnlm.checkpoint import save_pretrained
 from kilnlm.engine import EngineConfig
 from kilnlm.eval import evaluate

@@ -19,14 +19,8 @@ from serving_utils import TEXT, make_checkpoint
 
 from kilnlm.actors.orchestrator import OrchestratorConfig, start_orchestrator
 from kilnlm.actors.serving_model import ServingModel
-from kilnlm.actors.swap_agent import (
-    ActorLink,
-    Heartbeat,
-    Hello,
-    Result,
-    SwapAgent,
-    orchestrator_name,
-)
+from kilnlm.actors.swap_agent import ActorLink, SwapAgent
+from kilnlm.actors.swap_messages import Heartbeat, Hello, Result, orchestrator_name
 from kilnlm.engine import EngineConfig
 from kilnlm.serving_config import ServeConfig
 
