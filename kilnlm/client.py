@@ -72,12 +72,12 @@ def checkpoint_uri(path: str | os.PathLike[str]) -> str:
 # Clients
 
 
-class Client:
-    """Blocking client. ``timeout`` (seconds) becomes each call's gRPC deadline unless overridden.
+class _Connection:
+    """What both clients hold, opened the same way: one channel, the stubs on it, the default
+    deadline and the admin token's metadata (the arguments are ``Client``'s)."""
 
-    ``tls_ca``: a PEM file to verify a TLS server with (plaintext when None). ``token``: the admin
-    bearer token, sent as ``authorization`` metadata.
-    """
+    _grpc: Any = grpc
+    """The module whose channels are opened: ``grpc``, or ``grpc.aio`` for ``AsyncClient``."""
 
     def __init__(
         self,
@@ -90,15 +90,29 @@ class Client:
         creds = _credentials(tls_ca)
         options = [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []
         self.channel = (
-            grpc.secure_channel(address, creds, options)
+            self._grpc.secure_channel(address, creds, options)
             if creds
-            else grpc.insecure_channel(address, options)
+            else self._grpc.insecure_channel(address, options)
         )
         self.stub = pb_grpc.GenerationStub(self.channel)
         self.admin_stub = admin_pb2_grpc.AdminStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.timeout = timeout
         self.metadata = _metadata(token)
+
+    def _opts(self, timeout: float | None) -> dict[str, Any]:
+        return {
+            "timeout": timeout if timeout is not None else self.timeout,
+            "metadata": self.metadata,
+        }
+
+
+class Client(_Connection):
+    """Blocking client. ``timeout`` (seconds) becomes each call's gRPC deadline unless overridden.
+
+    ``tls_ca``: a PEM file to verify a TLS server with (plaintext when None). ``token``: the admin
+    bearer token, sent as ``authorization`` metadata.
+    """
 
     def __enter__(self) -> Client:
         return self
@@ -108,12 +122,6 @@ class Client:
 
     def close(self) -> None:
         self.channel.close()
-
-    def _opts(self, timeout: float | None) -> dict[str, Any]:
-        return {
-            "timeout": timeout if timeout is not None else self.timeout,
-            "metadata": self.metadata,
-        }
 
     def generate(
         self,
@@ -236,29 +244,10 @@ class Client:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
-class AsyncClient:
+class AsyncClient(_Connection):
     """asyncio twin of ``Client``: the same methods, awaited (streams are async iterators)."""
 
-    def __init__(
-        self,
-        address: str = DEFAULT_ADDRESS,
-        timeout: float | None = None,
-        tls_ca: str | None = None,
-        token: str | None = None,
-        tls_server_name: str | None = None,
-    ) -> None:
-        creds = _credentials(tls_ca)
-        options = [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []
-        self.channel = (
-            grpc.aio.secure_channel(address, creds, options)
-            if creds
-            else grpc.aio.insecure_channel(address, options)
-        )
-        self.stub = pb_grpc.GenerationStub(self.channel)
-        self.admin_stub = admin_pb2_grpc.AdminStub(self.channel)
-        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
-        self.timeout = timeout
-        self.metadata = _metadata(token)
+    _grpc = grpc.aio
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -268,12 +257,6 @@ class AsyncClient:
 
     async def close(self) -> None:
         await self.channel.close()
-
-    def _opts(self, timeout: float | None) -> dict[str, Any]:
-        return {
-            "timeout": timeout if timeout is not None else self.timeout,
-            "metadata": self.metadata,
-        }
 
     async def generate(
         self,
