@@ -232,3 +232,36 @@ def test_invariant_kernels_match_torch_and_ignore_the_batch():
         q[1:2, :, 7:8], padded_k, padded_v, attn_mask=one_mask, enable_gqa=True
     )
     assert torch.equal(one[0, :, 0], got[1, :, 7])
+
+
+@torch.inference_mode()
+def test_invariant_kernels_every_batch_size_gives_the_same_bits():
+    """The BLAS assumption the kernels rest on (invariant.py, ROW_TILE): a GEMM row computed
+    among M >= 4 rows has the same bits whatever M is, so padding to a multiple of 4 is enough.
+    Every batch size 1..40 (decode steps) and chunk size (prefill) is checked at model-like
+    shapes; a machine whose BLAS breaks the assumption fails here, before any engine test."""
+    torch.manual_seed(0)
+    x, w = torch.randn(40, 256), torch.randn(704, 256)
+    full = invariant_linear(x, w)
+    for m in range(1, 41):
+        assert torch.equal(invariant_linear(x[:m], w), full[:m]), f"{m} rows"
+    # multi-head (g = 1, the padding-heavy decode case) and grouped (g = 3) attention
+    for nh, nkv in ((4, 4), (6, 2)):
+        q, k, v = (
+            torch.randn(6, nh, 9, 48),
+            torch.randn(6, nkv, 128, 48),
+            torch.randn(6, nkv, 128, 48),
+        )
+        pos = torch.arange(119, 128)
+        mask = (torch.arange(128)[None, :] <= pos[:, None]).expand(6, 1, 9, 128)
+        chunk = invariant_attention(q, k, v, attn_mask=mask, enable_gqa=nh != nkv)
+        for b in (1, 2, 5):
+            for t in range(9):  # each query alone (a decode step), in batches of b sequences
+                one = invariant_attention(
+                    q[:b, :, t : t + 1],
+                    k[:b],
+                    v[:b],
+                    attn_mask=mask[:b, :, t : t + 1],
+                    enable_gqa=nh != nkv,
+                )
+                assert torch.equal(one[:, :, 0], chunk[:b, :, t]), (nh, nkv, b, t)

@@ -13,12 +13,12 @@ The cure, from outside the model (``model.py`` stays plain): while ``batch_invar
 active, a ``TorchFunctionMode`` routes the two reductions whose order depends on the batch
 shape through fixed-shape kernels:
 
-- ``F.linear``: the rows (every token of every sequence) are cut into tiles of exactly
-  ``ROW_TILE`` rows (the last one zero-padded) and multiplied by one batched GEMM whose every
-  problem has the same shape (ROW_TILE, K) × (K, N). Each output row is then computed by the
-  same kernel with the same reduction order wherever it sits and however many tiles there are.
-- ``F.scaled_dot_product_attention``: the query rows of a kv head are cut into tiles of
-  ``QUERY_TILE``; each score is one dot product over head_dim (one GEMM per query tile);
+- ``F.linear``: the rows (every token of every sequence) are zero-padded to a multiple of
+  ``ROW_TILE`` (4) and multiplied by one GEMM. MKL computes a row of an M-row GEMM the same
+  way for every M >= 4 (only 1-3 rows take other kernels), so each output row gets the same
+  bits wherever it sits and however many rows there are.
+- ``F.scaled_dot_product_attention``: the query rows of a kv head are padded to a multiple of
+  ``QUERY_TILE`` (4); each score is one dot product over head_dim (one GEMM per head);
   the softmax denominator and probs·values are reduced over fixed tiles of ``KEY_TILE`` keys
   and the tiles are summed in order. Padding keys (masked) contribute exact zeros, so a
   query's result depends neither on how far the batch pads the keys, nor on how many queries
@@ -37,10 +37,12 @@ hold for MKL here; on CUDA, cuBLAS may pick kernels by batch size, so treat GPU 
 unverified until tests/test_engine*.py pass there. Different hardware, BLAS builds or thread
 counts give different (each still batch-invariant) bits.
 
-The cost is padding (a decode step of 3 sequences computes 16 rows) and smaller GEMMs: about
-half the library kernels' decode throughput on a 2-core CPU for tiny models. The engine turns
-it on by default (``EngineConfig.batch_invariant``); turn it off for throughput when the
-same-seed-same-tokens promise is not needed.
+The cost is padding (a decode step of 3 sequences computes 4 rows; a multi-head decode query
+4 query rows) and fixed-length key tiles. The first version cut the rows into tiles of
+16 (and queries of 8, each tile with its own copy of the keys): the same bits, but decode
+attention of a 5M model took 4x and prefill attention 7x longer (docs/benchmarks.md, "Stream
+path"). The engine turns the kernels on by default (``EngineConfig.batch_invariant``); turn
+them off for throughput when the same-seed-same-tokens promise is not needed.
 """
 
 from __future__ import annotations
@@ -55,10 +57,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-ROW_TILE = 16
-"""Rows (tokens) per GEMM problem. 16 keeps decode padding small and GEMMs efficient."""
-QUERY_TILE = 8
-"""Query rows per attention GEMM: small, since a decode step has only g = n_head/n_kv_head."""
+ROW_TILE = 4
+"""GEMM rows are padded to a multiple of this. Why 4 and not a tile loop: MKL computes a row of
+a GEMM with M >= 4 rows the same way whatever M is (bmm of M rows equals M/8 problems of 8 rows,
+bit for bit; tests/test_engine_invariant.py checks it on the machine that runs the tests); only
+M in 1..3 takes another path (gemv-like kernels). So a decode step of 3 sequences computes 4
+rows, not 16, and one GEMM of M rows replaces M/16 small ones, with the same bits as before."""
+QUERY_TILE = 4
+"""Query rows per (kv head, sequence) are padded to a multiple of this, for the same reason: a
+decode step has only g = n_head/n_kv_head rows per kv head (1 for multi-head attention)."""
 KEY_TILE = 64
 """Keys per attention tile; a multiple of the SIMD width so no scalar tail path is ever taken."""
 
@@ -73,14 +80,13 @@ def _pad_rows(x: Tensor, multiple: int) -> tuple[Tensor, int]:
 
 
 def invariant_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear`` whose every output row is computed the same way whatever the other rows."""
+    """``F.linear`` whose every output row is computed the same way whatever the other rows:
+    one GEMM over the rows padded to a multiple of ROW_TILE (see ROW_TILE for why that is
+    enough)."""
     *lead, K = x.shape
     N = weight.shape[0]
     rows, M = _pad_rows(x.reshape(-1, K), ROW_TILE)
-    n_tiles = rows.shape[0] // ROW_TILE
-    # One GEMM problem per tile, all of shape (ROW_TILE, K) x (K, N); the weight is broadcast.
-    y = torch.bmm(rows.view(n_tiles, ROW_TILE, K), weight.t().expand(n_tiles, K, N))
-    y = y.reshape(-1, N)[:M]  # (M, N)
+    y = torch.bmm(rows[None], weight.t()[None])[0, :M]  # (M, N)
     if bias is not None:
         y = y + bias
     return y.view(*lead, N)
@@ -115,9 +121,14 @@ def invariant_attention(
     """``F.scaled_dot_product_attention`` (inference only) with per-query fixed-shape arithmetic.
 
     q (B, nh, T, hs), k/v (B, nkv, S, hs); returns (B, nh, T, hs). The g = nh/nkv query heads
-    that share a kv head are stacked into one block of g·T query rows, cut into tiles of
-    QUERY_TILE rows, so a decode step (T = 1) wastes little padding. Every query must see at
-    least one key (the engine guarantees it); a query that sees none gets zeros.
+    that share a kv head are stacked into one block of R = g·T query rows, padded to a multiple
+    of QUERY_TILE. Scores: one GEMM per (kv head, sequence), each a dot product over head_dim.
+    The softmax denominator and probs·values are reduced over fixed tiles of KEY_TILE keys
+    (one GEMM per key tile, its reduction dimension always KEY_TILE long) and the tiles are
+    summed in order, so a query's result depends neither on how far the batch pads the keys,
+    nor on how many queries share its call (decode or a prefill chunk), nor on the batch size.
+    Every query must see at least one key (the engine guarantees it); one that sees none gets
+    zeros. The softmax runs on the R real rows only; the padding rows stay exact zeros.
     """
     if dropout_p:
         raise ValueError("batch_invariant attention is for inference: dropout_p must be 0")
@@ -128,37 +139,37 @@ def invariant_attention(
     nkv, S = k.shape[1], k.shape[-2]
     g, H = nh // nkv, nkv * B  # heads ordered (kv head, sequence): the paged cache's layout
     R = g * T  # query rows per (kv head, sequence)
-    nT, nS = math.ceil(R / QUERY_TILE), math.ceil(S / KEY_TILE)
-    Rp, Sp = nT * QUERY_TILE, nS * KEY_TILE
+    nS = math.ceil(S / KEY_TILE)
+    Rp, Sp = math.ceil(R / QUERY_TILE) * QUERY_TILE, nS * KEY_TILE
     mask = _attention_mask(attn_mask, is_causal, B, T, S, q.device)  # (B, 1|nh, T, S)
     if mask.shape[1] == 1:  # one mask for every head: broadcast it over (kv head, group)
         mask = mask[None, :, None, 0].expand(nkv, B, g, T, S).reshape(H, R, S)
     else:
         mask = mask.reshape(B, nkv, R, S).transpose(0, 1).reshape(H, R, S)
-    mask = F.pad(mask, (0, Sp - S, 0, Rp - R), value=False).view(H * nT, QUERY_TILE, Sp)
+    if Sp != S:
+        mask = F.pad(mask, (0, Sp - S), value=False)
     scale = scale if scale is not None else 1.0 / math.sqrt(hs)
-    q_rows = (q * scale).reshape(B, nkv, R, hs).transpose(0, 1).reshape(H, R, hs)
-    qt = _pad_dim(q_rows, 1, Rp).view(H * nT, QUERY_TILE, hs)
+    qt = q.new_zeros(nkv, B, Rp, hs)  # padding rows: zeros
+    qt[:, :, :R].view(nkv, B, g, T, hs).copy_((q * scale).view(B, nkv, g, T, hs).transpose(0, 1))
     kp = _pad_dim(k.transpose(0, 1).reshape(H, S, hs), 1, Sp)  # (H, Sp, hs)
     vp = _pad_dim(v.transpose(0, 1).reshape(H, S, hs), 1, Sp)
-    if nT > 1:  # every query tile needs its head's keys
-        kp = kp[:, None].expand(H, nT, Sp, hs).reshape(H * nT, Sp, hs)
-        vp = vp[:, None].expand(H, nT, Sp, hs).reshape(H * nT, Sp, hs)
-    # Scores: one (QUERY_TILE, hs) x (hs, Sp) GEMM per query tile; each score is one dot product.
-    scores = torch.bmm(qt, kp.transpose(1, 2)).masked_fill_(~mask, -math.inf)  # (H·nT, Rq, Sp)
-    top = scores.amax(dim=-1, keepdim=True)  # exact whatever the order
+    # Scores: one (Rp, hs) x (hs, Sp) GEMM per head; each score is one dot product.
+    scores = torch.bmm(qt.view(H, Rp, hs), kp.transpose(1, 2))  # (H, Rp, Sp)
+    real = scores[:, :R]  # the softmax touches the real rows only
+    real.masked_fill_(~mask, -math.inf)
+    top = real.amax(dim=-1, keepdim=True)  # exact whatever the order
     top = torch.where(top > -math.inf, top, 0.0)  # a query that sees nothing: no 0/0 below
-    probs = torch.exp_(scores.sub_(top)).view(H * nT, QUERY_TILE, nS, KEY_TILE)  # masked: 0
-    tile_sums = probs.sum(dim=-1)  # (H·nT, Rq, nS): fixed-length reductions
-    # probs·values: one (QUERY_TILE, KEY_TILE) x (KEY_TILE, hs) GEMM per (query, key) tile.
-    p_tiles = probs.transpose(1, 2).reshape(H * nT * nS, QUERY_TILE, KEY_TILE)
-    parts = torch.bmm(p_tiles, vp.reshape(H * nT * nS, KEY_TILE, hs))
-    parts = parts.view(H * nT, nS, QUERY_TILE, hs)
+    torch.exp_(real.sub_(top))  # masked: 0
+    probs = scores.view(H, Rp, nS, KEY_TILE)
+    tile_sums = probs.sum(dim=-1)  # (H, Rp, nS): fixed-length reductions
+    # probs·values: one (Rp, KEY_TILE) x (KEY_TILE, hs) GEMM per (head, key tile).
+    p_tiles = probs.transpose(1, 2).reshape(H * nS, Rp, KEY_TILE)
+    parts = torch.bmm(p_tiles, vp.view(H * nS, KEY_TILE, hs)).view(H, nS, Rp, hs)
     out, denom = parts[:, 0], tile_sums[..., 0]
     for j in range(1, nS):  # key tiles in order; padding tiles add exact zeros
         out, denom = out + parts[:, j], denom + tile_sums[..., j]
-    out = out / denom.clamp_min(torch.finfo(out.dtype).tiny)[..., None]  # (H·nT, Rq, hs)
-    out = out.view(H, Rp, hs)[:, :R].reshape(nkv, B, g, T, hs).transpose(0, 1)
+    out = out / denom.clamp_min(torch.finfo(out.dtype).tiny)[..., None]  # (H, Rp, hs)
+    out = out[:, :R].reshape(nkv, B, g, T, hs).transpose(0, 1)
     return out.reshape(B, nh, T, hs).to(out_dtype)
 
 

@@ -11,6 +11,13 @@ needs), their absolute positions, the slots they write, and for reading, each ro
 block-table order with their positions. ``update`` then writes the new keys/values through the
 slot mapping and gathers each row's keys/values through its block table. The model builds the
 causal (and sliding-window) mask from the positions, so it never learns the cache is paged.
+
+Per step, per layer, the gather writes every row's keys and values (megabytes at 32 rows of a
+few hundred tokens) into two buffers the cache keeps and reuses: a fresh tensor of that size
+per layer and step came from ``mmap`` and cost thousands of page faults per step (the library
+kernels' decode step of a 5M model spent more time faulting pages in than computing). The
+buffers only grow. The keys ``update`` returns are therefore valid until the next ``update``:
+the model's attention reads them at once, within the same layer.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ class PagedCache:
         self._write: Tensor | None = None  # (B·T,) slot of every new token
         self._read: Tensor | None = None  # (B·S,) slots each row attends to
         self._read_pos: Tensor | None = None  # (B, S) their positions, -1 for padding
+        self._gathered = (self.k.new_empty(0), self.v.new_empty(0))  # reused gather buffers
 
     def nbytes(self) -> int:
         """Bytes reserved (the scratch block included)."""
@@ -63,24 +71,25 @@ class PagedCache:
 
         Returns the model's inputs: tokens and positions, (B, T) each, left-padded. A padding
         token takes its row's first new position (so it sees at least one key, as every query
-        must) and writes to the scratch block.
+        must) and writes to the scratch block. The rows are laid out in Python lists and turned
+        into tensors once (a decode step of 32 rows made ~130 tiny tensors before).
         """
-        bs = self.block_size
+        bs, scratch = self.block_size, self.scratch_block
         B, T = len(rows), max(len(chunk) for chunk, _, _ in rows)
-        lengths = torch.tensor([start + len(chunk) for chunk, start, _ in rows])  # (B,)
+        ends = [start + len(chunk) for chunk, start, _ in rows]
         unit = math.lcm(bs, self.key_multiple) // bs  # blocks per key_multiple
-        n_blocks = math.ceil(max(math.ceil(int(n) / bs) for n in lengths) / unit) * unit
-        table = torch.full((B, n_blocks), self.scratch_block, dtype=torch.long)
-        tokens = torch.zeros(B, T, dtype=torch.long)
-        positions = torch.zeros(B, T, dtype=torch.long)
-        for i, (chunk, start, blocks) in enumerate(rows):
-            used = math.ceil((start + len(chunk)) / bs)
-            table[i, :used] = torch.tensor(blocks[:used])
+        n_blocks = math.ceil(math.ceil(max(ends) / bs) / unit) * unit
+        table_rows, token_rows, position_rows = [], [], []
+        for (chunk, start, blocks), end in zip(rows, ends, strict=True):
+            used = -(-end // bs)
+            table_rows.append([*blocks[:used], *[scratch] * (n_blocks - used)])
             pad = T - len(chunk)
-            tokens[i, pad:] = torch.tensor(chunk)
-            positions[i] = torch.cat(
-                (torch.full((pad,), start), torch.arange(start, start + len(chunk)))
-            )
+            token_rows.append([*[0] * pad, *chunk])
+            position_rows.append([*[start] * pad, *range(start, end)])
+        table = torch.tensor(table_rows, dtype=torch.long)  # (B, n_blocks)
+        tokens = torch.tensor(token_rows, dtype=torch.long)  # (B, T)
+        positions = torch.tensor(position_rows, dtype=torch.long)  # (B, T)
+        lengths = torch.tensor(ends)  # (B,)
         slots = (table[:, :, None] * bs + torch.arange(bs)).view(B, n_blocks * bs)  # (B, S)
         key_pos = torch.arange(n_blocks * bs).expand(B, -1)
         valid = key_pos < lengths[:, None]
@@ -99,15 +108,32 @@ class PagedCache:
         self, layer: int, k: Tensor, v: Tensor, positions: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Write k, v (B, nkv, T, hs) to their slots; return every row's keys/values, (B, nkv, S,
-        hs), gathered through its block table, and their positions (B, S)."""
+        hs), gathered through its block table, and their positions (B, S). The keys/values are
+        views of the cache's gather buffers: valid until the next ``update``."""
         assert self._write is not None and self._read is not None and self._read_pos is not None
         B, nkv, T, hs = k.shape
         self.k[layer].index_copy_(1, self._write, k.transpose(0, 1).reshape(nkv, B * T, hs))
         self.v[layer].index_copy_(1, self._write, v.transpose(0, 1).reshape(nkv, B * T, hs))
         S = self._read_pos.shape[1]
-        keys = self.k[layer].index_select(1, self._read).view(nkv, B, S, hs).transpose(0, 1)
-        values = self.v[layer].index_select(1, self._read).view(nkv, B, S, hs).transpose(0, 1)
-        return keys, values, self._read_pos
+        keys_out, values_out = self._gather_buffers(nkv * B * S * hs)
+        keys = keys_out.view(nkv, B * S, hs)
+        values = values_out.view(nkv, B * S, hs)
+        torch.index_select(self.k[layer], 1, self._read, out=keys)
+        torch.index_select(self.v[layer], 1, self._read, out=values)
+        return (
+            keys.view(nkv, B, S, hs).transpose(0, 1),
+            values.view(nkv, B, S, hs).transpose(0, 1),
+            self._read_pos,
+        )
+
+    def _gather_buffers(self, n: int) -> tuple[Tensor, Tensor]:
+        """The first n elements of the key and value gather buffers, grown (never shrunk) with
+        headroom so a batch that grows by a block does not reallocate every step."""
+        k_buf, v_buf = self._gathered
+        if k_buf.numel() < n:
+            size = n + n // 2
+            self._gathered = k_buf, v_buf = self.k.new_empty(size), self.v.new_empty(size)
+        return k_buf[:n], v_buf[:n]
 
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
         """Copy-on-write: block dst takes block src's keys/values in every layer."""
