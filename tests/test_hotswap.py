@@ -222,7 +222,7 @@ def test_replicas_attach_and_the_served_checkpoint_keeps_its_number(setup):
 
 
 def test_promote_under_streaming_load_fails_no_request(setup, references):
-    from kilnlm.actors.swap_agent import ORCHESTRATOR_NAMESPACE, orchestrator_name
+    from kilnlm.actors.swap_messages import ORCHESTRATOR_NAMESPACE, orchestrator_name
     from kilnlm.cluster.hooks import ActorHook
 
     ActorHook(orchestrator_name(APP), ORCHESTRATOR_NAMESPACE)(str(setup.ckpts["v2"]))  # trainer
@@ -386,8 +386,10 @@ def _pid(setup: Setup) -> int | None:
 
 
 def test_replica_killed_mid_stream(setup, references):
-    """Its clients get UNAVAILABLE fast, other streams finish, Serve's replacement loads the
-    promoted version (not the --checkpoint it was deployed with) before taking traffic."""
+    """No stream is cut: the gateway resends the victim's streams to the other replica with the
+    tokens already streamed, pinned to their version, and each client's one stream ends with
+    that version's greedy tokens; Serve's replacement loads the promoted version (not the
+    --checkpoint it was deployed with) before taking traffic."""
     import ray
 
     with Load(setup.address, n=6, max_tokens=LONG_TOKENS) as load:
@@ -401,14 +403,10 @@ def test_replica_killed_mid_stream(setup, references):
         assert wait_until(lambda: _replaced(setup, victim), timeout=90, period=0.5)
         time.sleep(1.0)
     streams = load.done()
-    cut = [s for s in streams if s.error is not None]
-    assert cut, "the victim's streams were cut"
-    assert {s.error for s in cut} == {grpc.StatusCode.UNAVAILABLE}, {s.details for s in cut}
-    assert all(s.end - max(s.sent, killed) < 10 for s in cut), "UNAVAILABLE quickly, no hang"
-    ok = [s for s in streams if s.error is None]
-    assert any(s.sent < killed < s.end for s in ok), "streams on the other replica went on"
-    _check_streams(ok, references)
-    assert all(s.version == 2 for s in ok), "the replacement never served version 1"
+    assert all(s.error is None for s in streams), {s.details for s in streams if s.error}
+    assert sum(s.sent < killed < s.end for s in streams) >= 2, "streams ran across the kill"
+    _check_streams(streams, references)  # resent streams too: the version's greedy tokens
+    assert all(s.version == 2 for s in streams), "the replacement never served version 1"
     assert replica_versions(setup) == [2, 2]
 
 
