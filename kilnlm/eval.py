@@ -22,7 +22,6 @@ with different tokenizers, and an n-gram model, on the same text.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from kilnlm.train import autocast, eval_mode
 
 # --------------------------------------------------------------------------------------------
 # Result
@@ -144,13 +145,9 @@ def token_logprobs(
     L = context_length(model, seq_len)
     wins = windows(n, L, stride)
     out = torch.empty(n - 1, dtype=torch.float32)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for i in range(0, len(wins), batch_size):
             score_windows(model, ids, wins[i : i + batch_size], L, out, autocast_dtype)
-    finally:
-        model.train(was_training)
     return out
 
 
@@ -170,12 +167,7 @@ def score_windows(
     for row, w in enumerate(wins):
         x[row, : w.end - w.begin] = ids[w.begin : w.end]
     x = x.to(device)
-    amp = (
-        torch.autocast(device.type, dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else contextlib.nullcontext()
-    )
-    with amp:
+    with autocast(device, autocast_dtype):
         logits = model(x)  # (B, T, V)
     logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
     for row, w in enumerate(wins):

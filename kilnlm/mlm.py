@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from kilnlm.train import IGNORE_INDEX, Batch, lm_loss
+from kilnlm.train import IGNORE_INDEX, Batch, eval_mode, lm_loss
 
 
 @dataclass(frozen=True)
@@ -130,9 +130,7 @@ def evaluate_mlm(
     max_positions: int = 64,
 ) -> MLMEval:
     """Masked loss and accuracy on ``masked_batches``; pseudo-perplexity on ``sequences`` (B, T)."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         loss_sum, hits, count = 0.0, 0, 0
         for x, y in masked_batches:
             logits = model(x)  # (B, T, V)
@@ -143,8 +141,6 @@ def evaluate_mlm(
         if count == 0:
             raise ValueError("evaluate_mlm got no selected positions in masked_batches")
         pppl = pseudo_perplexity(model, sequences, mask_id, max_positions)
-    finally:
-        model.train(was_training)
     return MLMEval(loss=loss_sum / count, accuracy=hits / count, pseudo_perplexity=pppl)
 
 

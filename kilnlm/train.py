@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -285,6 +285,18 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the block, then back in the mode it was in: an evaluation in
+    the middle of training must not leave dropout off, nor one of a frozen model turn it on."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 # --------------------------------------------------------------------------------------------
 # One step
 
@@ -371,17 +383,13 @@ def evaluate_loss(
     model: nn.Module, batches: Iterable[Batch], autocast_dtype: torch.dtype | None = None
 ) -> float:
     """Mean NLL (nats per scored token) over ``batches``; the model's train/eval mode is kept."""
-    was_training = model.training
-    model.eval()
     total = count = None
-    try:
+    with eval_mode(model):
         for x, y in batches:
             with autocast(x.device, autocast_dtype):
                 logits = model(x)  # (B, T, V)
             s, n = lm_loss(logits, y, reduction="sum").double(), n_scored(y)
             total, count = (s, n) if total is None else (total + s, count + n)
-    finally:
-        model.train(was_training)
     if total is None or int(count) == 0:
         raise ValueError("evaluate_loss got no scored tokens; pass at least one (x, y) batch")
     return float(total / count)

@@ -11,6 +11,7 @@ from kilnlm.train import (
     IGNORE_INDEX,
     TrainConfig,
     build_optimizer,
+    eval_mode,
     evaluate_loss,
     lm_loss,
     lr_at,
@@ -212,6 +213,17 @@ def test_evaluate_loss_is_mean_nll_and_keeps_mode():
     got = evaluate_loss(model, [(x[:1], y[:1]), (x[1:], y[1:])])
     assert got == pytest.approx(expected, rel=1e-5)
     assert model.training
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_eval_mode_restores_the_mode_it_found_even_on_error(training):
+    model = tiny_model().train(training)
+    with eval_mode(model):
+        assert not model.training
+    assert model.training is training
+    with pytest.raises(RuntimeError), eval_mode(model):
+        raise RuntimeError("an evaluation failed")
+    assert model.training is training
 
 
 # ---- the loop -------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from kilnlm.posttrain.plugin import PostTrainPlugin, rank_share, right_pad
 from kilnlm.posttrain.reward import PairExample
-from kilnlm.train import IGNORE_INDEX, Objective, autocast
+from kilnlm.train import IGNORE_INDEX, Objective, autocast, eval_mode
 
 RefLogps = tuple[float, float]
 """(log π_ref(y_w|x), log π_ref(y_l|x)) of one pair."""
@@ -96,10 +96,9 @@ def pair_logps(
     autocast_dtype: torch.dtype | None = None,
 ) -> list[RefLogps]:
     """(log π(y_w|x), log π(y_l|x)) per pair under ``model``; its mode is kept."""
-    was_training, device = model.training, next(model.parameters()).device
-    model.eval()
+    device = next(model.parameters()).device
     out: list[RefLogps] = []
-    try:
+    with eval_mode(model):
         for i in range(0, len(examples), batch_size):
             chunk = examples[i : i + batch_size]
             xs, ys = reply_rows(chunk)
@@ -108,8 +107,6 @@ def pair_logps(
             with autocast(device, autocast_dtype):
                 lp = sequence_logps(model, x, y).cpu()
             out += list(zip(lp[: len(chunk)].tolist(), lp[len(chunk) :].tolist(), strict=True))
-    finally:
-        model.train(was_training)
     return out
 
 

@@ -29,7 +29,7 @@ from kilnlm.chat import encode_chat
 from kilnlm.posttrain.data import Preference
 from kilnlm.posttrain.plugin import PostTrainPlugin, rank_share, right_pad
 from kilnlm.tokenizer import Tokenizer
-from kilnlm.train import Objective, autocast
+from kilnlm.train import Objective, autocast, eval_mode
 
 HEAD_TOKEN = "<|mask|>"
 """The output row that serves as the scalar head."""
@@ -110,18 +110,15 @@ def score_pairs(
     autocast_dtype: torch.dtype | None = None,
 ) -> list[tuple[float, float]]:
     """(r_chosen, r_rejected) per pair, in order; the model's mode is kept."""
-    was_training, device = model.training, next(model.parameters()).device
-    model.eval()
+    device = next(model.parameters()).device
     out: list[tuple[float, float]] = []
-    try:
+    with eval_mode(model):
         for i in range(0, len(examples), batch_size):
             chunk = examples[i : i + batch_size]
             ids, last = (t.to(device) for t in collate_pairs(chunk, pad_id))
             with autocast(device, autocast_dtype):
                 r = rewards(model, ids, last, head_id).cpu()
             out += list(zip(r[: len(chunk)].tolist(), r[len(chunk) :].tolist(), strict=True))
-    finally:
-        model.train(was_training)
     return out
 
 

@@ -22,7 +22,15 @@ from kilnlm.chat import encode_chat, loss_mask
 from kilnlm.posttrain.data import Chat
 from kilnlm.posttrain.plugin import PostTrainPlugin, rank_share, right_pad
 from kilnlm.tokenizer import Tokenizer
-from kilnlm.train import IGNORE_INDEX, TOKEN_LOSS, Objective, autocast, lm_loss, n_scored
+from kilnlm.train import (
+    IGNORE_INDEX,
+    TOKEN_LOSS,
+    Objective,
+    autocast,
+    eval_mode,
+    lm_loss,
+    n_scored,
+)
 
 
 @dataclass(frozen=True)
@@ -70,18 +78,15 @@ def assistant_loss(
     autocast_dtype: torch.dtype | None = None,
 ) -> float:
     """Mean NLL (nats) per assistant token over ``examples``; the model's mode is kept."""
-    was_training, device = model.training, next(model.parameters()).device
-    model.eval()
+    device = next(model.parameters()).device
     total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.long)
-    try:
+    with eval_mode(model):
         for i in range(0, len(examples), batch_size):
             x, y = (t.to(device) for t in collate(examples[i : i + batch_size], pad_id))
             with autocast(device, autocast_dtype):
                 logits = model(x)  # (B, T, V)
             total += lm_loss(logits, y, reduction="sum").double().cpu()
             count += n_scored(y).cpu()
-    finally:
-        model.train(was_training)
     return float(total / count.clamp(min=1))
 
 
