@@ -281,18 +281,7 @@ class WorkerLoop:
         accum, first = self.cfg.grad_accum_steps, self.state.data_position
         batches = [self.batch(first + k) for k in range(accum)]
         t1 = time.perf_counter()
-        if profiling:
-            metrics = self._profiled_step(batches, step)
-        else:
-            metrics = train_step(
-                self.model,
-                self.optimizer,
-                batches,
-                self.cfg,
-                step,
-                autocast_dtype=self.autocast_dtype,
-                objective=self.objective,
-            )
+        metrics = self._profiled_step(batches, step) if profiling else self._step(batches, step)
         t2 = time.perf_counter()
         self.state.step = step + 1
         self.state.tokens_seen += self.tokens_per_step
@@ -493,8 +482,20 @@ class WorkerLoop:
         first = self.state.resumed_from + 1  # skip the first step: it warms caches and allocators
         return self.cc.profile_steps > 0 and first <= step < first + self.cc.profile_steps
 
+    def _step(self, batches: list[Batch], step: int) -> Any:
+        """One optimiser step of this rank (the library's ``train_step``)."""
+        return train_step(
+            self.model,
+            self.optimizer,
+            batches,
+            self.cfg,
+            step,
+            autocast_dtype=self.autocast_dtype,
+            objective=self.objective,
+        )
+
     def _profiled_step(self, batches: list[Batch], step: int) -> Any:
-        """``train_step`` under the profiler; accumulates the share of time spent in collectives."""
+        """``_step`` under the profiler; accumulates the share of time spent in collectives."""
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU]
@@ -502,15 +503,7 @@ class WorkerLoop:
             activities.append(ProfilerActivity.CUDA)
         t = time.perf_counter()
         with profile(activities=activities) as prof:
-            metrics = train_step(
-                self.model,
-                self.optimizer,
-                batches,
-                self.cfg,
-                step,
-                autocast_dtype=self.autocast_dtype,
-                objective=self.objective,
-            )
+            metrics = self._step(batches, step)
         wall = time.perf_counter() - t
         comm_us = sum(
             (e.device_time_total if self.device.type == "cuda" else e.cpu_time_total)
