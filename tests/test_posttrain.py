@@ -13,9 +13,15 @@ import torch
 from kilnlm.model import ModelConfig, Transformer
 from kilnlm.posttrain.data import DataFormatError, read_chats, read_preferences
 from kilnlm.posttrain.defaults import CORRUPTIONS, corrupt, default_sets, parses
-from kilnlm.posttrain.dpo import DPOLoss, collate_dpo, pair_logps, sequence_logps
+from kilnlm.posttrain.dpo import (
+    DPOLoss,
+    collate_dpo,
+    implicit_figures,
+    pair_logps,
+    sequence_logps,
+)
 from kilnlm.posttrain.plugin import batch_rows
-from kilnlm.posttrain.reward import RewardLoss, bradley_terry, encode_pairs
+from kilnlm.posttrain.reward import RewardLoss, bradley_terry, encode_pairs, pairwise_figures
 from kilnlm.posttrain.sft import collate, encode_sft, rouge_l
 from kilnlm.tokenizer import Tokenizer
 from kilnlm.train import IGNORE_INDEX, TOKEN_LOSS, TrainConfig
@@ -265,3 +271,14 @@ def test_prepare_reads_user_files_splits_them_and_counts_skips(tokenizer, model,
     prep = prepare(cfg, seq_len=64, batch_size=4, seed=0)
     assert len(prep.plugin.train_refs) == len(prep.plugin.train) > 0
     assert prep.plugin.loss.beta == 0.1
+
+
+def test_pair_figures_count_a_tie_as_half() -> None:
+    # Reward model: one pair ranked right, one tie, one wrong.
+    assert pairwise_figures([(2.0, 1.0), (0.5, 0.5), (0.0, 3.0)])["accuracy"] == pytest.approx(0.5)
+    # DPO, beta 0.1: pair 1's implicit margin is 0.1 * ((-1 + 2) - (-3 + 2)) = 0.2, pair 2's is 0.
+    f = implicit_figures([(-1.0, -3.0), (-2.0, -2.0)], [(-2.0, -2.0), (-2.0, -2.0)], beta=0.1)
+    assert f["implicit_accuracy"] == pytest.approx(0.75)
+    assert f["implicit_margin"] == pytest.approx(0.1)
+    assert f["policy_logp_accuracy"] == pytest.approx(0.75)
+    assert f["reference_logp_accuracy"] == pytest.approx(0.5)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kilnlm.posttrain.plugin import PostTrainPlugin, rank_share, right_pad
-from kilnlm.posttrain.reward import PairExample
+from kilnlm.posttrain.reward import PairExample, pair_accuracy
 from kilnlm.train import IGNORE_INDEX, Objective, autocast, eval_mode
 
 RefLogps = tuple[float, float]
@@ -122,16 +122,12 @@ def implicit_figures(
     r = torch.tensor(ref, dtype=torch.float64)
     n = max(len(policy), 1)
     margin = beta * ((p[:, 0] - r[:, 0]) - (p[:, 1] - r[:, 1]))
-
-    def acc(d: Tensor) -> float:
-        return float(((d > 0).double() + 0.5 * (d == 0).double()).sum() / n)
-
     return {
-        "implicit_accuracy": acc(margin),
+        "implicit_accuracy": pair_accuracy(margin, n),
         "implicit_margin": float(margin.sum() / n),
         "loss": float(-F.logsigmoid(margin).sum() / n),
-        "policy_logp_accuracy": acc(p[:, 0] - p[:, 1]),
-        "reference_logp_accuracy": acc(r[:, 0] - r[:, 1]),
+        "policy_logp_accuracy": pair_accuracy(p[:, 0] - p[:, 1], n),
+        "reference_logp_accuracy": pair_accuracy(r[:, 0] - r[:, 1], n),
         "pairs": len(policy),
     }
 

@@ -122,13 +122,18 @@ def score_pairs(
     return out
 
 
+def pair_accuracy(margins: Tensor, n: int) -> float:
+    """Share of ``n`` pairs whose margin (chosen minus rejected) is positive, a tie counting half:
+    a model that cannot tell the two apart scores 0.5, not 0 or 1."""
+    return float(((margins > 0).double() + 0.5 * (margins == 0).double()).sum() / n)
+
+
 def pairwise_figures(scores: Sequence[tuple[float, float]]) -> dict[str, float]:
     """Accuracy (ties count half), mean Bradley–Terry loss and mean margin over scored pairs."""
     n = max(len(scores), 1)
     margins = torch.tensor([c - r for c, r in scores] or [0.0], dtype=torch.float64)
-    wins = (margins > 0).double() + 0.5 * (margins == 0).double()
     return {
-        "accuracy": float(wins.sum() / n),
+        "accuracy": pair_accuracy(margins, n),
         "loss": float(-F.logsigmoid(margins).sum() / n),
         "margin": float(margins.sum() / n),
         "pairs": len(scores),
