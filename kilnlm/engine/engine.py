@@ -21,12 +21,11 @@ the load, and greedy output equals ``kilnlm.generate`` run under the same numeri
 from __future__ import annotations
 
 import math
-import os
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -42,12 +41,14 @@ from kilnlm.decoding import (
     prompt_token_ids,
 )
 from kilnlm.engine.block_manager import BlockManager
+from kilnlm.engine.config import DTYPES, EngineConfig, QueueFull, free_memory_bytes
+from kilnlm.engine.hotswap import HotSwap
 from kilnlm.engine.invariant import KEY_TILE, batch_invariant
 from kilnlm.engine.paged_cache import PagedCache
 from kilnlm.engine.request import Request, RequestOutput
 from kilnlm.engine.scheduler import Chunk, Scheduler
 from kilnlm.engine.serving import ServingState, Snapshot, VersionError, VersionRule
-from kilnlm.engine.weights import StagedWeights, SwapMode, SwapReport, prepare
+from kilnlm.engine.weights import StagedWeights, SwapReport
 from kilnlm.errors import InvalidArgumentError
 from kilnlm.model import Transformer, kv_cache_bytes_per_token
 from kilnlm.sampling import (
@@ -58,72 +59,8 @@ from kilnlm.sampling import (
     token_logprobs,
 )
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-
-class QueueFull(RuntimeError):
-    """Too many requests are waiting; the gateway answers RESOURCE_EXHAUSTED (retry later)."""
-
-
-@dataclass
-class EngineConfig:
-    """How the engine batches and how much memory its KV cache reserves."""
-
-    block_size: int = 16
-    """Token slots per KV block."""
-    kv_budget_mib: float | None = None
-    """KV cache size in MiB; overrides kv_budget_fraction."""
-    kv_budget_fraction: float | None = None
-    """Share of free device memory (of available RAM on CPU) for the KV cache; default 0.5,
-    capped at twice what max_num_seqs full-context sequences need."""
-    max_num_seqs: int = 64
-    """Sequences (beams count one each) running at once."""
-    max_num_batched_tokens: int = 512
-    """Tokens computed per step (all decodes + prefill chunks): the chunked-prefill budget."""
-    max_queue: int = 256
-    """Requests waiting to start; one more raises QueueFull."""
-    max_tokens_limit: int = 4096
-    """The largest max_tokens a request may ask for."""
-    swap_mode: SwapMode = "double"
-    """Hot-swap: "double" keeps both weight sets on the device; "drain" stages to host memory."""
-    dtype: str | None = None
-    """"float32", "bfloat16" or "float16"; None keeps the model's dtype."""
-    device: str | None = None
-    """"cpu", "cuda", "cuda:1", ...; None keeps the model's device."""
-    enable_prefix_caching: bool = True
-    batch_invariant: bool = True
-    """Fixed-shape kernels so a row's numbers do not depend on the batch (invariant.py)."""
-
-    def __post_init__(self) -> None:
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_queue"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
-                raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
-        if self.max_tokens_limit < 1:
-            raise ValueError(f"max_tokens_limit must be >= 1, got {self.max_tokens_limit}")
-        if self.kv_budget_mib is not None and not self.kv_budget_mib > 0:
-            raise ValueError(f"kv_budget_mib must be > 0, got {self.kv_budget_mib}")
-        f = self.kv_budget_fraction
-        if f is not None and not 0 < f <= 1:
-            raise ValueError(f"kv_budget_fraction must be in (0, 1], got {f}")
-        if self.swap_mode not in ("double", "drain"):
-            raise ValueError(f"swap_mode must be 'double' or 'drain', got {self.swap_mode!r}")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)} or None, got {self.dtype!r}")
-
-
-def free_memory_bytes(device: torch.device) -> int:
-    """Free memory where the KV cache will live: the GPU's, or the host's available RAM."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        import psutil  # optional: more accurate (counts reclaimable page cache)
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-class LLMEngine:
+class LLMEngine(HotSwap):
     """Continuous-batching generation over one model (two during a hot-swap)."""
 
     def __init__(
@@ -166,16 +103,6 @@ class LLMEngine:
         self._retiring: dict[int, float] = {}  # old version -> when it stopped taking requests
         self.last_swap: SwapReport | None = None
         self.num_steps = self.num_generated = 0
-
-    @property
-    def serving_version(self) -> int:
-        return self.serving.current.version
-
-    @property
-    def committing_version(self) -> int | None:
-        """The version committed and waiting to flip (drain mode: until the drain ends)."""
-        commit = self._commit
-        return None if commit is None else commit[0].version
 
     def _num_blocks(self, device: torch.device) -> int:
         c, cfg = self.config, self.model_config
@@ -442,94 +369,6 @@ class LLMEngine:
         request.seqs = new
         if request.beam.done():
             request.finish_beams()
-
-    # ---- hot-swap --------------------------------------------------------------------------
-
-    def check_stage_version(self, version: int) -> Transformer:
-        """The serving model, to stage beside; ValueError if that version is already loaded."""
-        if not isinstance(version, int) or isinstance(version, bool):
-            raise ValueError(f"version must be an int, got {version!r}")
-        if version in self.models or version == self.serving_version:
-            raise ValueError(f"version {version} is already loaded; stage another version")
-        return self.models[self.serving_version]
-
-    def prepare_stage(
-        self, source: Transformer | Mapping[str, Tensor], version: int, payload: Any = None
-    ) -> StagedWeights:
-        """Phase 1, the slow part: load and check weights. Changes nothing in the engine."""
-        serving = self.check_stage_version(version)
-        return prepare(serving, source, version, self.config.swap_mode, payload)
-
-    def install_stage(self, staged: StagedWeights) -> None:
-        """Phase 1, the quick part: keep the checked weights until commit or abort_stage."""
-        if self._commit is not None:
-            raise RuntimeError(
-                f"version {self._commit[0].version} is committed and waiting to flip; stage after it"
-            )
-        self._staged = staged
-
-    def stage(
-        self, source: Transformer | Mapping[str, Tensor], version: int, payload: Any = None
-    ) -> float:
-        """Load and check new weights beside the serving ones; returns the seconds it took.
-        ``payload`` serves beside them from the flip on (``Snapshot.payload``). Raises
-        ValueError (naming the tensor) on a mismatch; serving is untouched either way."""
-        staged = self.prepare_stage(source, version, payload)
-        self.install_stage(staged)
-        return staged.stage_s
-
-    def commit(self, version: int) -> None:
-        """Phase 2: flip to the staged version at the next step boundary (drain mode: the first
-        boundary with no request and no reader of the old version left); ``serving`` says when."""
-        if self._staged is None or self._staged.version != version:
-            staged = None if self._staged is None else self._staged.version
-            raise ValueError(f"version {version} is not staged (staged: {staged}); stage it first")
-        self._commit, self._staged = (self._staged, time.monotonic()), None
-        if self._commit[0].mode == "drain":
-            self.serving.hold()  # new readers wait for the new weights, as new requests do
-
-    def abort_stage(self) -> bool:
-        """Drop staged weights (or a commit still waiting to flip); True if there was one."""
-        dropped = self._staged is not None or self._commit is not None
-        self._staged = self._commit = None
-        self.serving.unhold()
-        return dropped
-
-    @property
-    def _draining(self) -> bool:
-        return self._commit is not None and self._commit[0].mode == "drain"
-
-    def _swap_boundary(self, now: float) -> None:
-        """At the start of a step: flip a committed version if its mode allows it now."""
-        if self._commit is None:
-            return
-        staged, committed_at = self._commit
-        old = self.serving_version
-        if staged.mode == "drain":
-            if any(r.version is not None for r in self.requests.values()):
-                return  # old-version requests still running: new ones wait (scheduler)
-            if not self.serving.quiet():
-                return  # a score / evaluation still reads the old weights: they are copied over
-            model = self.models.pop(old)
-            model.load_state_dict(staged.state_dict)  # type: ignore[arg-type]  # copies in place
-        else:
-            model = staged.model  # type: ignore[assignment]
-            self._retiring[old] = now
-        self.models[staged.version] = model
-        self._commit = None
-        self.serving.publish(Snapshot(staged.version, model, staged.payload))
-        self.last_swap = SwapReport(
-            staged.mode, old, staged.version, staged.stage_s, now - committed_at
-        )
-
-    def _retire_versions(self) -> None:
-        """Drop old weights (double mode) once no request uses them."""
-        live = {r.version for r in self.requests.values()}
-        for version in [v for v in self.models if v != self.serving_version and v not in live]:
-            del self.models[version]
-            since = self._retiring.pop(version, None)
-            if since is not None and self.last_swap is not None:
-                self.last_swap.overlap_s = time.monotonic() - since
 
     # ---- observability ---------------------------------------------------------------------
 
