@@ -43,15 +43,18 @@ def register(subparsers: Any) -> None:
 # Flags and the call
 
 
-def _admin_flags(p: argparse.ArgumentParser, timeout: float) -> None:
+def admin_flags(p: argparse.ArgumentParser, timeout: float, json: bool = True) -> None:
+    """How a command reaches the Admin API (``admin_call`` reads them); ``json=False`` for a
+    command that prints a summary of its own (post-training's ``--register``)."""
     p.add_argument("--address", default=DEFAULT_ADDRESS, help="gateway host:port")
     p.add_argument("--token", help=f"admin bearer token (default: ${TOKEN_ENV})")
     p.add_argument("--timeout", type=float, default=timeout, help="deadline in seconds")
     p.add_argument("--tls-ca", help="PEM file to verify a TLS gateway with (plaintext if absent)")
-    p.add_argument("--json", action="store_true", help="print the response as JSON")
+    if json:
+        p.add_argument("--json", action="store_true", help="print the response as JSON")
 
 
-def _call(args: argparse.Namespace, method: str, request: Any) -> Any:
+def admin_call(args: argparse.Namespace, method: str, request: Any) -> Any:
     """One authenticated Admin call; grpc.RpcError propagates to the command."""
     import grpc
 
@@ -77,7 +80,7 @@ def _run(command: str, args: argparse.Namespace, method: str, request: Any) -> A
     import grpc
 
     try:
-        return _call(args, method, request)
+        return admin_call(args, method, request)
     except grpc.RpcError as e:
         print(f"kiln {command}: {e.code().name}: {e.details()}", file=sys.stderr)
         return None
@@ -103,7 +106,7 @@ def _register_register(subparsers: Any) -> None:
         "Then `kiln promote VERSION` validates and hot-swaps it.",
     )
     p.add_argument("path", help="export directory (model.safetensors + manifest.json), or file://")
-    _admin_flags(p, timeout=60.0)
+    admin_flags(p, timeout=60.0)
     p.set_defaults(func=cmd_register)
 
 
@@ -136,7 +139,7 @@ def _register_status(subparsers: Any) -> None:
         "status",
         help="promoted version, replicas, checkpoints, swap history, training progress",
     )
-    _admin_flags(p, timeout=30.0)
+    admin_flags(p, timeout=30.0)
     p.set_defaults(func=cmd_status)
 
 
@@ -238,7 +241,7 @@ def _register_promote(subparsers: Any) -> None:
         help="one replica first; compare it with the current version, then the rest or undo",
     )
     canary.add_argument("--no-canary", dest="canary", action="store_false")
-    _admin_flags(p, timeout=900.0)
+    admin_flags(p, timeout=900.0)
     p.set_defaults(func=cmd_promote)
 
 
@@ -257,7 +260,7 @@ def _register_rollback(subparsers: Any) -> None:
         help="promote an earlier version again (default: the one before the current one)",
     )
     p.add_argument("version", type=int, nargs="?", default=None)
-    _admin_flags(p, timeout=900.0)
+    admin_flags(p, timeout=900.0)
     p.set_defaults(func=cmd_rollback)
 
 

@@ -50,6 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _trainer_arguments(p: argparse.ArgumentParser) -> None:
+    from kilnlm.cli.admin import admin_flags
     from kilnlm.cluster.config import ClusterConfig
     from kilnlm.train import TrainConfig
 
@@ -68,10 +69,7 @@ def _trainer_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="register the export with the orchestrator at --address (kiln serve / kiln up)",
     )
-    p.add_argument("--address", default="127.0.0.1:50051", help="gateway host:port")
-    p.add_argument("--token", help="admin bearer token (default: $KILN_ADMIN_TOKEN)")
-    p.add_argument("--tls-ca", help="PEM file to verify a TLS gateway with")
-    p.add_argument("--timeout", type=float, default=60.0, help="admin call deadline (s)")
+    admin_flags(p, timeout=60.0, json=False)
     config.add_arguments(p, TrainConfig, skip=("objective",))
     config.add_arguments(p, ClusterConfig)
 
@@ -83,11 +81,11 @@ def resolve_parent(args: argparse.Namespace) -> str:
     value = args.parent
     if Path(value).exists() or not value.removeprefix("v").isdigit():
         return value
-    from kilnlm.cli.admin import _call
+    from kilnlm.cli.admin import admin_call
     from kilnlm.proto import admin_pb2
 
     version = int(value.removeprefix("v"))
-    status = _call(args, "Status", admin_pb2.StatusRequest())
+    status = admin_call(args, "Status", admin_pb2.StatusRequest())
     for c in status.checkpoints:
         if c.version == version:
             return c.uri.removeprefix("file://")
@@ -96,11 +94,11 @@ def resolve_parent(args: argparse.Namespace) -> str:
 
 def register_export(args: argparse.Namespace, path: str) -> int:
     """Hand the export to the running orchestrator; its version (Admin.Register)."""
-    from kilnlm.cli.admin import _call
+    from kilnlm.cli.admin import admin_call
     from kilnlm.client import checkpoint_uri
     from kilnlm.proto import admin_pb2
 
-    response = _call(args, "Register", admin_pb2.RegisterRequest(uri=checkpoint_uri(path)))
+    response = admin_call(args, "Register", admin_pb2.RegisterRequest(uri=checkpoint_uri(path)))
     return int(response.version)
 
 
