@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from kilnlm.plots import pyplot, save_figure
+
 # Dense peak TFLOPS per device for the dtype training computes in (vendor data sheets).
 # Matched by substring of torch.cuda.get_device_name(), first match wins (order matters).
 PEAK_TFLOPS: list[tuple[str, str, float]] = [
@@ -147,12 +149,7 @@ def write_csv(records: list[dict[str, Any]], path: str | Path) -> Path:
 
 def plot_loss(records: list[dict[str, Any]], path: str | Path, title: str = "") -> Path | None:
     """Training (and held-out) loss against step as a PNG; None when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if (plt := pyplot()) is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train")
@@ -164,10 +161,7 @@ def plot_loss(records: list[dict[str, Any]], path: str | Path, title: str = "") 
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(plt, fig, path)
 
 
 class TensorBoardLog:

@@ -176,12 +176,9 @@ def write_points(points: list[SweepPoint], path: Path) -> Path:
 
 def plot_sweep(result: SweepResult, path: Path) -> Path | None:
     """Points and the fitted line on log-log axes; None without matplotlib."""
-    try:
-        import matplotlib
+    from kilnlm.plots import pyplot, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if (plt := pyplot()) is None:
         return None
     c = [p.flops for p in result.points]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -197,10 +194,7 @@ def plot_sweep(result: SweepResult, path: Path) -> Path | None:
     ax.set_ylabel("held-out loss (nats/token)")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path)
 
 
 def format_sweep(result: SweepResult) -> str:
