@@ -370,10 +370,16 @@ def test_train_export_register_gate_and_hot_swap_through_s3(
     )
 
     @ray.remote(num_cpus=0.1, runtime_env={"env_vars": remote.storage_env()})
-    def train_in_ray(job: JobConfig) -> list[str]:
-        return launch(job).exports
+    def train_in_ray(job: JobConfig, cwd: str) -> list[str]:
+        # A run in a bucket keeps its local metrics in ./<name>-metrics: not in the checkout.
+        previous = os.getcwd()
+        os.chdir(cwd)
+        try:
+            return launch(job).exports
+        finally:
+            os.chdir(previous)
 
-    exports = ray.get(train_in_ray.remote(job), timeout=1200)
+    exports = ray.get(train_in_ray.remote(job, str(tmp_path)), timeout=1200)
     assert len(exports) == 2 and all(u.startswith(f"{s3}/runs/s3-e2e/") for u in exports)
     stored = _list(f"{s3}/runs/s3-e2e")
     assert any("checkpoint_" in p for p in stored)  # Ray Train's sharded checkpoints
