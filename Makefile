@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test lint bench clean posttrain
+.PHONY: setup run test lint bench clean posttrain rl
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,17 @@ posttrain: $(STAMP)
 	    --out $(POST)/sft --storage-path $(POST) --no-progress
 	$(BIN)/kiln reward train --from $(POST)/sft --out $(POST)/reward --storage-path $(POST) --no-progress
 	$(BIN)/kiln dpo --from $(POST)/sft --out $(POST)/dpo --storage-path $(POST) --no-progress
+
+# Online RL on post-training I's results: the SFT export as pi0 (and KL reference), the reward
+# model as the reward, held-out prompts of the embedded instruction set, three beta
+# (kiln rl --defaults; figures in docs/post-training.md). Runs `make posttrain` first if its
+# exports are missing.
+rl: $(STAMP) | $(POST)/reward/manifest.json
+	rm -rf $(POST)/rl
+	$(BIN)/kiln rl --defaults --from-dir $(POST) --out $(POST)/rl
+
+$(POST)/reward/manifest.json:
+	$(MAKE) posttrain
 
 test: $(STAMP)
 	$(BIN)/ruff check kilnlm cluster actors tests bench protos

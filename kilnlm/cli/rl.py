@@ -59,10 +59,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--beta", type=float, help="trust in π0 (default 1.0; --toy, --defaults: three values)"
     )
-    p.add_argument("--samples", type=int, help="samples per prompt (default 8; --defaults 4)")
+    p.add_argument("--samples", type=int, help="samples per prompt (default 8; --defaults 8)")
     p.add_argument("--iterations", type=int, help="sample/update/swap rounds (3; --defaults 4)")
-    p.add_argument("--steps", type=int, default=1, help="optimiser steps per iteration")
-    p.add_argument("--lr", type=float, help="learning rate (default 3e-3; --defaults 1e-3)")
+    p.add_argument("--steps", type=int, help="optimiser steps per iteration (1; --defaults 2)")
+    p.add_argument("--lr", type=float, help="learning rate (default 3e-3; --defaults 3e-4)")
     p.add_argument("--max-staleness", type=int, default=1, help="versions a sample may lag")
     p.add_argument(
         "--max-tokens", type=int, help="longest completion (16; --defaults 24; not --toy)"
@@ -79,7 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_rl)
 
 
-GENERIC = {"samples": 8, "iterations": 3, "lr": 3e-3, "max_tokens": 16}
+GENERIC = {"samples": 8, "iterations": 3, "steps": 1, "lr": 3e-3, "max_tokens": 16}
 """Defaults of the size flags for --policy and --toy (--defaults: ``DefaultsSize``)."""
 
 
