@@ -346,9 +346,15 @@ def start_orchestrator(config: OrchestratorConfig) -> Any:
     ``orchestrator_name(app_name)`` — the name the replicas' agents and the gateway look up.
     """
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    # Preferably on the driver's node (the head under `kiln up --cluster`), as Ray Train and
+    # Serve place their controllers: not on a worker node that an autoscaler or a spot
+    # reclaim may take away. Soft: a restart after that node is lost goes anywhere.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     actor = ray.remote(Orchestrator).options(
         name=orchestrator_name(config.app_name),
+        scheduling_strategy=here,
         namespace=ORCHESTRATOR_NAMESPACE,
         lifetime="detached",
         max_restarts=-1,

@@ -28,6 +28,7 @@ import ray
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from kilnlm.checkpoint import remote
 from kilnlm.cluster.config import (
@@ -212,7 +213,10 @@ def launch_spec(spec: WorkerSpec, raise_on_error: bool = True) -> RunResult:
     # default) and a worker's result queue holds one report, so a worker reporting more often
     # than that blocks. Poll faster unless the user chose (Ray propagates this to the controller).
     set_poll_interval(cc.poll_interval_s)
-    sink = MetricsSink.remote()
+    # On the driver's node, as Ray Train places its controller: losing a worker node mid-run
+    # must not take the metrics (and with them the driver's wait loop) along.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    sink = MetricsSink.options(scheduling_strategy=here).remote()
     trainer = build_trainer(spec, gpu, sink)
     result = watch(trainer, sink, train_cfg, cc)
     ray.kill(sink)
@@ -275,7 +279,7 @@ def build_trainer(spec: WorkerSpec, gpu: bool, sink: Any) -> TorchTrainer:
         scaling_config=ScalingConfig(
             num_workers=cc.workers,
             use_gpu=gpu,
-            resources_per_worker={"CPU": cc.cpus_per_worker, **({"GPU": 1} if gpu else {})},
+            resources_per_worker=worker_resources(cc, gpu),
         ),
         run_config=RunConfig(
             name=cc.name,
@@ -285,6 +289,15 @@ def build_trainer(spec: WorkerSpec, gpu: bool, sink: Any) -> TorchTrainer:
             callbacks=[ProgressCallback(sink)],
         ),
     )
+
+
+def worker_resources(cc: ClusterConfig, gpu: bool) -> dict[str, float]:
+    """What one Ray Train worker asks for: its CPUs, a GPU, and one unit of
+    ``worker_resource`` (the nodes set aside for training) when named."""
+    resources = {"CPU": cc.cpus_per_worker, **({"GPU": 1} if gpu else {})}
+    if cc.worker_resource:
+        resources[cc.worker_resource] = 1
+    return resources
 
 
 def watch(trainer: TorchTrainer, sink: Any, train_cfg: Any, cc: ClusterConfig) -> RunResult:

@@ -61,6 +61,7 @@ class UpRun:
         self.serve_meter: EnergyMeter | None = None
         self.train_end_unix = 0.0
         self.training_error: str | None = None
+        self.resumed_from = 0
         self.ngram: dict[str, Any] | None = None
 
     def connect(self) -> None:
@@ -158,6 +159,12 @@ class UpRun:
         self.train_end_unix = time.time()
         if result.error is not None:
             self.training_error = f"{type(result.error).__name__}: {result.error}"
+        self.resumed_from = int((result.worker_result or {}).get("resumed_from") or 0)
+        if self.resumed_from:
+            self.say(
+                f"[kiln up] the trainers were restarted (a worker or its node was lost) and "
+                f"resumed from the checkpoint of step {self.resumed_from}"
+            )
         errors = (result.worker_result or {}).get("hook_errors") or []
         for e in errors:
             self.say(f"[kiln up] registration failed: {e}")
@@ -188,6 +195,7 @@ class UpRun:
             total_s=time.perf_counter() - self.started,
             settled=settled,
             training_error=self.training_error,
+            resumed_from=self.resumed_from,
             ngram=self.ngram,
             energy=self.energy(),
         )
