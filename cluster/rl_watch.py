@@ -10,18 +10,21 @@ before and after.
   versions seen that the orchestrator never promoted (must be none);
 - **generations**: greedy replies to the first few prompts, through the replicas, pinned to π0
   at the start and to the final version at the end, each with its reward;
-- **before / after**: mean reward and the KL(πθ‖π0) estimate of the served samples of π0 (the
-  first iteration's) and of the final version (one more sampling pass, no update).
+- **before / after**: mean reward, its spread within a prompt's group (what RLOO's advantages
+  are made of) and the KL(πθ‖π0) estimate of one sampling pass of π0 before the first update
+  and of the final version after the last: the loop's own requests (same prompts, k,
+  max_tokens; seeds no iteration uses), no update. π0's KL to itself is 0 by construction.
 """
 
 from __future__ import annotations
 
+import statistics
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
 from kilnlm.actors.protocol import GenerationRequest
-from kilnlm.cluster.rl import RLLoop, RLLoopConfig, generate_through
+from kilnlm.cluster.rl import RLLoop, RLLoopConfig, generate_through, sample_requests
 from kilnlm.cluster.rl_reward import score_rewards
 from kilnlm.rl.plugin import reference_logps
 from kilnlm.rl.prompts import RLPrompt, as_prompt, prompt_ids
@@ -78,17 +81,38 @@ def greedy_generations(
     ]
 
 
+def reward_figures(rewards: Sequence[float], groups: Sequence[int]) -> dict[str, Any]:
+    """Mean reward and the mean over prompts of the rewards' standard deviation in a group."""
+    by_group: dict[int, list[float]] = {}
+    for r, g in zip(rewards, groups, strict=True):
+        by_group.setdefault(g, []).append(r)
+    within = [statistics.pstdev(g) for g in by_group.values()]
+    return {
+        "mean_reward": sum(rewards) / len(rewards),
+        "reward_sd_within_prompt": sum(within) / len(within),
+        "samples": len(rewards),
+    }
+
+
+def evaluate_start(handle: Any, cfg: RLLoopConfig, tokenizer: Any, version: int) -> dict[str, Any]:
+    """π0's figures: the loop's requests pinned to π0, scored; its KL to itself is 0."""
+    requests = sample_requests(cfg.prompts, cfg, version, cfg.iterations + 1)
+    chunks = generate_through(handle, [r for _, r in requests])
+    prompts = [as_prompt(cfg.prompts[p]) for p, _ in requests]
+    texts = [tokenizer.decode(prompt_ids(tokenizer, p)) for p in prompts]
+    rewards = score_rewards(cfg.reward, prompts, texts, [c.text for c in chunks])
+    figures = reward_figures(rewards, [p for p, _ in requests])
+    return {"version": version, **figures, "kl_estimate": 0.0}
+
+
 def evaluate_served(loop: RLLoop, iteration: int) -> dict[str, Any]:
-    """Mean reward and KL(served‖π0) estimate of fresh samples of the served version."""
+    """The served version's figures: mean reward, its spread, and the KL(served‖π0) estimate
+    (log μ − log π0 over its own samples: on-policy)."""
     samples = loop.sample(iteration)
     refs = reference_logps(loop.pi0, samples, loop.tokenizer.eos_id, loop.cfg.allowed_token_ids)
     kl = sum(sum(s.logprobs) - r for s, r in zip(samples, refs, strict=True)) / len(samples)
-    return {
-        "version": loop.version,
-        "mean_reward": sum(s.reward for s in samples) / len(samples),
-        "kl_estimate": float(kl),
-        "samples": len(samples),
-    }
+    figures = reward_figures([s.reward for s in samples], [s.group for s in samples])
+    return {"version": loop.version, **figures, "kl_estimate": float(kl)}
 
 
 class RunWatch:
@@ -110,6 +134,7 @@ class RunWatch:
             else None
         )
         self.before = greedy_generations(handle, cfg, self.tokenizer, self.prompts, version)
+        self.start = evaluate_start(handle, cfg, self.tokenizer, version)
         self.after: list[dict[str, Any]] = []
         self.final: dict[str, Any] = {}
         self.counts: TrafficCounts | None = None
@@ -129,17 +154,9 @@ class RunWatch:
             self.counts = self.client.stop()
 
     def summary(self, loop: RLLoop) -> dict[str, Any]:
-        first = loop.records[0] if loop.records else None
         out: dict[str, Any] = {
             "gateway": self.address,
-            "before": None
-            if first is None
-            else {
-                "version": first.version,
-                "mean_reward": first.mean_reward,
-                "kl_estimate": first.kl_estimate,
-                "samples": first.used,
-            },
+            "before": self.start,
             "after": self.final,
             "generations": {"before": self.before, "after": self.after},
         }
