@@ -40,9 +40,11 @@ from kilnlm.actors.orchestrator_config import (
     PreconditionError,
     SwapAborted,
 )
-from kilnlm.actors.registry import CheckpointRecord, Registry, SwapRecord
+from kilnlm.actors.registry import Registry
+from kilnlm.actors.registry_records import CheckpointRecord, SwapRecord
 from kilnlm.actors.replica_set import ReplicaState, ReplicaView
-from kilnlm.actors.swap_agent import (
+from kilnlm.actors.swap_coordinator import SwapCoordinator
+from kilnlm.actors.swap_messages import (
     ORCHESTRATOR_NAMESPACE,
     Attachment,
     Command,
@@ -53,7 +55,6 @@ from kilnlm.actors.swap_agent import (
     local_path,
     orchestrator_name,
 )
-from kilnlm.actors.swap_coordinator import SwapCoordinator
 from kilnlm.checkpoint import remote
 from kilnlm.gate import GateResult, heldout_ids, regression, run_gate
 

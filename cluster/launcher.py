@@ -41,9 +41,10 @@ from kilnlm.cluster.config import (
 from kilnlm.cluster.hooks import CheckpointHook, hook_from_config
 from kilnlm.cluster.metrics import History, TensorBoardLog, plot_loss, write_csv
 from kilnlm.cluster.worker import WorkerSpec, train_loop_per_worker
-from kilnlm.data import CorpusManifest, build_corpus
+from kilnlm.data import build_corpus
 from kilnlm.model import ModelConfig
 from kilnlm.posttrain.job import PostTrainConfig, Prepared
+from kilnlm.shards import CorpusManifest
 from kilnlm.train import TrainConfig
 
 POLL_S = 0.5

@@ -81,8 +81,8 @@ class UpRun:
         """Fit the n-gram baseline on the training split and score it on the held-out tokens
         the gate scores every checkpoint on, so the summary compares like with like."""
         from kilnlm.actors.orchestrator import heldout_ids
-        from kilnlm.data import TokenShards
         from kilnlm.ngram import best_baseline
+        from kilnlm.shards import TokenShards
         from kilnlm.tokenizer import Tokenizer
 
         orders = self.config.ngram_orders
@@ -140,7 +140,7 @@ class UpRun:
         self.load = ClientLoad(self.address, self.config.load, self.watcher.serving).start()
 
     def train(self) -> None:
-        from kilnlm.actors.swap_agent import ORCHESTRATOR_NAMESPACE, orchestrator_name
+        from kilnlm.actors.swap_messages import ORCHESTRATOR_NAMESPACE, orchestrator_name
         from kilnlm.cluster.hooks import ActorHook
         from kilnlm.cluster.launcher import launch
 
