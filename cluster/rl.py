@@ -13,8 +13,8 @@ One iteration:
 3. **staleness** — samples go into ``kilnlm.rl.buffer.StalenessBuffer``: older than
    ``max_staleness`` versions are dropped and counted, the rest are trained on;
 4. **update** — π0's log-probs of the samples are computed here once
-   (``kilnlm.rl.plugin.reference_logps``), and one Ray Train run of ``steps`` steps on the
-   ``RLPlugin`` starts from the promoted export and writes a new export;
+   (``kilnlm.rl.plugin.reference_logps``) and the batch goes to the run's one long-lived Ray
+   Train run (``cluster/rl_trainer.py``), which trains ``steps`` steps on it and exports;
 5. **swap** — the export is registered with the orchestrator, gated and promoted (the two-phase
    hot-swap); the next iteration's requests are pinned to the new version.
 
@@ -36,16 +36,13 @@ import ray
 import torch
 
 from kilnlm.actors.protocol import GenerationChunk, GenerationRequest, merge_chunks
-from kilnlm.cluster.config import ClusterConfig
-from kilnlm.cluster.launcher import launch_spec
 from kilnlm.cluster.rl_reward import reward_env, score_rewards, score_task
-from kilnlm.cluster.worker import WorkerSpec
+from kilnlm.cluster.rl_trainer import PersistentTrainer, start_trainer
 from kilnlm.rl.buffer import Sample, StalenessBuffer
-from kilnlm.rl.plugin import RLPlugin, reference_logps
+from kilnlm.rl.plugin import reference_logps
 from kilnlm.rl.prompts import RLPrompt, as_prompt, prompt_ids
 from kilnlm.rl.toy import ToyPosterior, ToySpec, restricted_logprobs
 from kilnlm.sampling import SamplingParams
-from kilnlm.train import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -198,6 +195,9 @@ class RLLoop:
         self.promoted: list[int] = [version]
         self.buffer = StalenessBuffer(cfg.max_staleness, version)
         self._served_models: dict[int, Any] = {}
+        self.trainer: PersistentTrainer | None = None
+        self.updates = 0
+        """Updates given to the trainer (its iteration index: steps ``updates·steps`` onwards)."""
         self.records: list[IterationRecord] = []
         self.drawn: list[Sample] = []
         """The last iteration's samples as the replicas returned them (scored)."""
@@ -245,60 +245,42 @@ class RLLoop:
         rewards = score_rewards(self.cfg.reward, prompts, texts, completions)
         return [replace(s, reward=r) for s, r in zip(samples, rewards, strict=True)]
 
-    def train(self, samples: list[Sample], iteration: int) -> tuple[str, float]:
-        """One Ray Train run from the served export on ``samples``; (new export, seconds)."""
+    def train(self, samples: list[Sample], refs: list[float]) -> tuple[str, float]:
+        """One update of the run's one Ray Train run (``cluster/rl_trainer.py``), started at the
+        first update from the served export; (the export that ends it, seconds)."""
         start = time.perf_counter()
-        refs = reference_logps(self.pi0, samples, self.tokenizer.eos_id,
-                               self.cfg.allowed_token_ids)  # fmt: skip
-        plugin = RLPlugin(
-            parent=self.exports[self.version],
-            data=f"kiln rl iteration {iteration}",
-            batch_size=len(samples),
-            seed=self.cfg.seed,
-            pad_id=self.tokenizer.eos_id,
-            beta=self.cfg.beta,
-            is_cap=self.cfg.is_cap,
-            samples=samples,
-            ref_logps=refs,
-            allowed_ids=self.cfg.allowed_token_ids,
-            policy_version=self.version,
-        )
-        result = launch_spec(self.worker_spec(plugin, iteration), raise_on_error=True)
-        if not result.exports:
-            raise RuntimeError(f"iteration {iteration}: the Ray Train run wrote no export")
-        return result.exports[-1], time.perf_counter() - start
+        if self.trainer is None:
+            self.trainer = self.start_trainer()
+        export = self.trainer.update(self.updates, samples, refs)
+        self.updates += 1
+        return export, time.perf_counter() - start
 
-    def worker_spec(self, plugin: RLPlugin, iteration: int) -> WorkerSpec:
-        """Every update continues one Ray Train run (same name and storage; ``max_steps`` grows
-        by ``steps``): it resumes from the previous update's checkpoint, so AdamW's moments carry
-        over from iteration to iteration as in the in-process reference, and its weights are the
-        served export's (the export of that same checkpoint)."""
+    def start_trainer(self) -> PersistentTrainer:
+        """The long-lived run: ``iterations × steps`` steps from the served export, fed one
+        iteration at a time; AdamW's moments and the learning-rate schedule span the whole run."""
         import json
 
         from kilnlm.checkpoint import config_from_hf
-        from kilnlm.cluster.config import resolve_grad_accum
 
-        parent = Path(plugin.parent)
+        parent = Path(self.exports[self.version])
         model_cfg = config_from_hf(json.loads((parent / "config.json").read_text()))
-        train = TrainConfig(
-            objective="rl", lr=self.cfg.lr, min_lr=self.cfg.lr, warmup_steps=0,
-            max_steps=(len(self.records) + 1) * self.cfg.steps, batch_size=plugin.batch_size,
-            seq_len=model_cfg.block_size, eval_every=0, log_every=1,
-            checkpoint_every=self.cfg.steps, weight_decay=0.0, seed=self.cfg.seed + iteration,
-        )  # fmt: skip
-        cluster = ClusterConfig(
-            workers=self.cfg.workers, storage_path=str(Path(self.cfg.out).absolute() / "train"),
-            name="rl-policy", progress=False, num_to_keep=1, cpus_per_worker=0.5,
-            checkpoint_upload="sync",
-        )  # fmt: skip
-        return WorkerSpec(
-            model=model_cfg,
-            train=resolve_grad_accum(train, cluster, cluster.workers),
-            cluster=cluster,
-            data_dir=str(parent),
-            run_uri=cluster.run_uri,
-            posttrain=plugin,
-        )
+        plugin_fields = {
+            "data": f"kiln rl, β {self.cfg.beta:g}, reward {self.cfg.reward}",
+            "batch_size": self.cfg.samples * len(self.cfg.prompts),
+            "seed": self.cfg.seed,
+            "pad_id": self.tokenizer.eos_id,
+            "beta": self.cfg.beta,
+            "is_cap": self.cfg.is_cap,
+            "allowed_ids": self.cfg.allowed_token_ids,
+            "policy_version": self.version,
+        }
+        return start_trainer(model_cfg, str(parent), plugin_fields, self.cfg, self.cfg.out)
+
+    def close(self) -> None:
+        """Stop the Ray Train run (it ends by itself after the last iteration)."""
+        if self.trainer is not None:
+            self.trainer.close()
+            self.trainer = None
 
     def swap(self, export: str) -> tuple[int, float]:
         """Register, gate and promote ``export``; (its version, seconds from register to served)."""
@@ -328,7 +310,7 @@ class RLLoop:
             raise RuntimeError(f"iteration {iteration}: every sample was stale")
         refs = reference_logps(self.pi0, fresh, self.tokenizer.eos_id, self.cfg.allowed_token_ids)
         kl = sum(sum(s.logprobs) - r for s, r in zip(fresh, refs, strict=True)) / len(fresh)
-        export, train_s = self.train(fresh, iteration)
+        export, train_s = self.train(fresh, refs)
         version, swap_s = self.swap(export)
         record = IterationRecord(
             iteration=iteration,

@@ -126,7 +126,7 @@ def run_live(
     out.mkdir(parents=True, exist_ok=True)
     ensure_ray(4)
     handle, orchestrator, version = start_serving(cfg, app, heldout)
-    watch = None
+    watch = loop = None
     try:
         watch = RunWatch(cfg, app, handle, version, clients)
         loop = RLLoop(cfg, handle, orchestrator, version, toy, say)
@@ -136,6 +136,8 @@ def run_live(
             write_csv(out / "metrics.csv", loop.records)
         watch.finish(loop)
     finally:
+        if loop is not None:
+            loop.close()
         if watch is not None:
             watch.close()
         stop_serving(app)

@@ -79,6 +79,7 @@ def test_one_online_iteration_tags_every_sample_with_its_version(live):
     loop = RLLoop(cfg, handle, orchestrator, v1, posterior, say=lambda _: None)
 
     record = loop.iterate(0)
+    loop.close()  # the run's Ray Train run ended after its one iteration
     first = loop.drawn
     assert record.version == v1 and record.new_version > v1 and loop.version == record.new_version
     assert record.used == len(first) == 6 and record.dropped == 0

@@ -59,10 +59,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--beta", type=float, help="trust in π0 (default 1.0; --toy, --defaults: three values)"
     )
-    p.add_argument("--samples", type=int, help="samples per prompt (default 8; --defaults 8)")
-    p.add_argument("--iterations", type=int, help="sample/update/swap rounds (3; --defaults 4)")
+    p.add_argument("--samples", type=int, help="samples per prompt (8; --toy 64; --defaults 8)")
+    p.add_argument(
+        "--iterations", type=int, help="sample/update/swap rounds (3; --toy 20; --defaults 4)"
+    )
     p.add_argument("--steps", type=int, help="optimiser steps per iteration (1; --defaults 2)")
-    p.add_argument("--lr", type=float, help="learning rate (default 3e-3; --defaults 3e-4)")
+    p.add_argument(
+        "--lr", type=float, help="peak learning rate (3e-3; --toy 1.5e-3; --defaults 3e-4)"
+    )
     p.add_argument("--max-staleness", type=int, default=1, help="versions a sample may lag")
     p.add_argument(
         "--max-tokens", type=int, help="longest completion (16; --defaults 24; not --toy)"
@@ -80,7 +84,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 GENERIC = {"samples": 8, "iterations": 3, "steps": 1, "lr": 3e-3, "max_tokens": 16}
-"""Defaults of the size flags for --policy and --toy (--defaults: ``DefaultsSize``)."""
+"""Defaults of the size flags for --policy (--toy: ``TOY``; --defaults: ``DefaultsSize``)."""
+
+TOY = {**GENERIC, "samples": 64, "iterations": 20, "steps": 4, "lr": 1.5e-3}
+"""--toy's sizes: what reaches the 5x tolerance at every β (docs/rl.md, "Live loop")."""
 
 
 def cmd_rl(args: argparse.Namespace) -> int:
@@ -89,7 +96,7 @@ def cmd_rl(args: argparse.Namespace) -> int:
     if args.defaults:
         summaries = run_defaults(args)
     else:
-        fill_sizes(args, GENERIC)
+        fill_sizes(args, TOY if args.toy else GENERIC)
         summaries = run_toy(args) if args.toy else [run_policy(args)]
     result: Any = summaries[0] if len(summaries) == 1 else summaries
     if args.json:

@@ -14,12 +14,19 @@ travels inside the plug-in.
 other samples of its prompt, so every rank takes whole groups (group g goes to rank g mod world)
 and each micro-batch is all of that rank's groups. The step count is the caller's choice; with
 more than one step the later ones reuse the samples under the importance weight.
+
+**One plug-in for a whole RL run**: with a ``source`` (``cluster/rl_trainer.py``'s
+``FeedSource``, a Ray actor behind it) the plug-in holds no samples itself; step s trains on
+iteration s // ``steps_per_iteration``'s batch, fetched from the source once and kept until the
+next iteration. The batch of a step is still a pure function of the step (the source keeps
+every iteration's batch), so a resumed worker group recomputes exactly the steps it lost.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -94,18 +101,35 @@ class RLPlugin(PostTrainPlugin):
     """Sampling was restricted to these ids (the toy); the loss restricts both models alike."""
     policy_version: int | None = None
     """The version the trainer starts from (the parent export's): lag = it − sample.version."""
+    source: Callable[[int], tuple[list[Sample], list[float]]] | None = None
+    """iteration → (samples, π0 log-probs) for a run fed iteration by iteration; None: train on
+    ``samples`` at every step."""
+    steps_per_iteration: int = 1
+    """Optimiser steps on each iteration's batch (with a ``source``)."""
+    _cached: tuple[int, list[Sample], list[float]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     objective_name = "rl"
 
     def __post_init__(self) -> None:
         RLObjective(self.beta, self.is_cap)  # validates beta and is_cap
-        if not self.samples:
+        if self.steps_per_iteration < 1:
+            raise ValueError(f"steps_per_iteration must be >= 1, got {self.steps_per_iteration}")
+        if self.source is None and not self.samples:
             raise ValueError("RLPlugin needs at least one sample; generate before training")
-        if len(self.ref_logps) != len(self.samples):
-            raise ValueError(
-                f"{len(self.ref_logps)} reference log-probs for {len(self.samples)} samples; "
-                "compute them with kilnlm.rl.plugin.reference_logps"
-            )
+        check_refs(self.samples, self.ref_logps)
+
+    def iteration_data(self, index: int) -> tuple[list[Sample], list[float]]:
+        """(samples, π0 log-probs) that micro-batch ``index`` trains on."""
+        if self.source is None:
+            return self.samples, self.ref_logps
+        iteration = index // self.steps_per_iteration
+        if self._cached is None or self._cached[0] != iteration:
+            samples, refs = self.source(iteration)
+            check_refs(samples, refs)
+            self._cached = (iteration, list(samples), list(refs))
+        return self._cached[1], self._cached[2]
 
     @property
     def loss(self) -> Objective:
@@ -114,11 +138,13 @@ class RLPlugin(PostTrainPlugin):
     def n_train(self) -> int:
         return len(self.samples)
 
-    def share(self, rank: int, world: int) -> list[int]:
-        """Indices of the samples of the groups this rank trains on (group g: rank g mod world)."""
-        groups = sorted({s.group for s in self.samples})
+    def share(self, rank: int, world: int, samples: Sequence[Sample] | None = None) -> list[int]:
+        """Indices of the samples (``self.samples`` by default) of the groups this rank trains
+        on (group g: rank g mod world)."""
+        samples = self.samples if samples is None else samples
+        groups = sorted({s.group for s in samples})
         mine = set(groups[rank::world])
-        rows = [i for i, s in enumerate(self.samples) if s.group in mine]
+        rows = [i for i, s in enumerate(samples) if s.group in mine]
         if not rows:
             raise ValueError(
                 f"rank {rank} of {world} has no group to train on ({len(groups)} groups): "
@@ -127,9 +153,10 @@ class RLPlugin(PostTrainPlugin):
         return rows
 
     def batch(self, index: int, rank: int, world: int) -> tuple[Tensor, ...]:
-        rows = self.share(rank, world)
-        b = RLBatch.from_samples([self.samples[i] for i in rows], self.pad_id)
-        ref = torch.tensor([self.ref_logps[i] for i in rows], dtype=torch.float32)
+        samples, refs = self.iteration_data(index)
+        rows = self.share(rank, world, samples)
+        b = RLBatch.from_samples([samples[i] for i in rows], self.pad_id)
+        ref = torch.tensor([refs[i] for i in rows], dtype=torch.float32)
         return (
             b.input_ids,
             b.completion_mask,
@@ -150,8 +177,24 @@ class RLPlugin(PostTrainPlugin):
             **super().manifest_fields(),
             "beta": self.beta,
             "is_cap": self.is_cap,
-            "samples": len(self.samples),
+            **self.fed_fields(),
         }
+
+    def fed_fields(self) -> dict[str, object]:
+        """How many samples the export's last steps trained on (and, when fed, which iteration)."""
+        if self.source is None:
+            return {"samples": len(self.samples)}
+        if self._cached is None:
+            return {}
+        return {"samples": len(self._cached[1]), "rl_iteration": self._cached[0]}
+
+
+def check_refs(samples: Sequence[Sample], ref_logps: Sequence[Any]) -> None:
+    if len(ref_logps) != len(samples):
+        raise ValueError(
+            f"{len(ref_logps)} reference log-probs for {len(samples)} samples; "
+            "compute them with kilnlm.rl.plugin.reference_logps"
+        )
 
 
 __all__ = ["RLLoss", "RLPlugin", "reference_logps"]
