@@ -22,9 +22,9 @@ from kilnlm.rl.prompts import RLPrompt
 DEFAULT_BETAS = (0.003, 0.01, 0.03)
 """In the default reward model's units. Its values are bimodal (≈ +3 for a reply it finds
 sound, ≈ −3 for one that looks like a corrupted copy), and the SFT policy's replies sit in the
-upper mode, spread by about 0.01 within a prompt's group (measured, docs/post-training.md):
+upper mode, spread by about 0.007 within a prompt's group (measured, docs/post-training.md):
 what moves π* is r/β, so β is set against that spread. For a small tilt KL(π*‖π0) ≈
-Var(r)/(2β²): about 5, 0.5 and 0.06 nats, from "the reward dominates" to "π0 dominates"."""
+Var(r)/(2β²): about 3, 0.25 and 0.03 nats, from "the reward dominates" to "π0 dominates"."""
 PROMPT_KINDS = ("What does `", "Write a Python function")
 
 
