@@ -70,6 +70,9 @@ class RLLoopConfig:
     is_cap: float = 2.0
     seed: int = 0
     workers: int = 1
+    drill_kill_step: int | None = None
+    """Fault drill (tests): the trainer's last rank kills itself once, before this step
+    (``ClusterConfig.drill_kill_step``); the run must resume and carry on."""
 
     def __post_init__(self) -> None:
         if not self.prompts:

@@ -219,6 +219,7 @@ def start_trainer(
         workers=cfg.workers, storage_path=str(Path(out).absolute() / "train"),
         name=f"rl-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}", progress=False,
         num_to_keep=1, cpus_per_worker=0.5, checkpoint_upload="sync",
+        drill_kill_step=cfg.drill_kill_step,
     )  # fmt: skip
     spec = WorkerSpec(
         model=model_cfg,

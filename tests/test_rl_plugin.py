@@ -88,3 +88,49 @@ def test_groups_stay_whole_across_ranks(toy):
         assert all(s.group not in groups for j, s in enumerate(samples) if j not in share)
     with pytest.raises(ValueError, match="reference log-probs"):
         dataclasses.replace(plugin, ref_logps=[0.0])
+
+
+def test_a_fed_plugin_trains_step_s_on_iteration_s_over_steps(toy):
+    """With a ``source`` (the long-lived run's feed), step s trains on iteration s // steps's
+    batch, asked for once per iteration, and a resumed worker asking again gets the same one."""
+    batches = {i: samples_of(toy, 8, 4) for i in range(3)}
+    batches = {i: [dataclasses.replace(s, reward=float(i)) for s in b] for i, b in batches.items()}
+    asked: list[int] = []
+
+    def source(iteration: int):
+        asked.append(iteration)
+        return batches[iteration], [0.5 * iteration] * len(batches[iteration])
+
+    def fed():
+        return RLPlugin(
+            parent="unused", data="test", batch_size=8, seed=0, pad_id=toy.spec.eos_id,
+            source=source, steps_per_iteration=3,
+        )  # fmt: skip
+
+    plugin = fed()
+    assert plugin.fed_fields() == {}
+    got = {step: plugin.batch(step, 0, 1) for step in range(9)}
+    assert asked == [0, 1, 2]  # once per iteration, in order
+    for step, micro in got.items():
+        want = RLBatch.from_samples(batches[step // 3], toy.spec.eos_id)
+        torch.testing.assert_close(micro[0], want.input_ids)
+        torch.testing.assert_close(micro[4], want.rewards)
+        assert micro[6].tolist() == [0.5 * (step // 3)] * 8
+    assert plugin.fed_fields() == {"samples": 8, "rl_iteration": 2}
+    resumed = fed()  # a restarted worker resumes at step 3: iteration 1's batch again
+    torch.testing.assert_close(resumed.batch(3, 0, 1)[0], got[3][0])
+    assert asked[-1] == 1
+    with pytest.raises(ValueError, match="at least one sample"):
+        RLPlugin(parent="unused", data="test", batch_size=8, seed=0, pad_id=0)
+    with pytest.raises(ValueError, match="steps_per_iteration"):
+        dataclasses.replace(plugin, steps_per_iteration=0)
+
+
+def test_export_step_reads_the_step_of_an_export_folder():
+    from kilnlm.cluster.checkpointing import export_dir_name
+    from kilnlm.cluster.rl_trainer import export_step
+
+    assert export_step(f"/runs/rl/exports/{export_dir_name(12)}-0a1b2c3d") == 12
+    assert export_step(f"s3://b/rl/exports/{export_dir_name(4)}-ff00/") == 4
+    with pytest.raises(ValueError, match="not a step export"):
+        export_step("/runs/rl/pi0")
