@@ -154,11 +154,81 @@ def run_live(
     if toy is not None:
         write_toy_json(out / "toy.json", loop, toy.spec)
         summary["toy_json"] = str(out / "toy.json")
+        summary["toy"] = toy_verdict(toy, start, loop.records)
     return summary
+
+
+TOY_TOLERANCE = 5.0
+"""The toy must end with KL(πθ‖π*) at least this many times below KL(π0‖π*) (docs/rl.md)."""
+
+
+def toy_verdict(toy: ToyPosterior, start: dict[str, float], records: list[IterationRecord]
+                ) -> dict[str, Any]:  # fmt: skip
+    """The exact check of a toy run: π*'s own figures, the start, the final and best
+    KL(πθ‖π*), their ratio to the start and whether it meets ``TOY_TOLERANCE``."""
+    target = toy.measure(toy.log_target)
+    kls = [r.exact["kl_to_target"] for r in records]
+    final, best = kls[-1], min(kls)
+    return {
+        "target": {"kl_to_reference": target.kl_to_reference, "mean_reward": target.mean_reward},
+        "kl_start": start["kl_to_target"],
+        "kl_final": final,
+        "kl_best": best,
+        "ratio": start["kl_to_target"] / final if final > 0 else float("inf"),
+        "tolerance": TOY_TOLERANCE,
+        "within_tolerance": final * TOY_TOLERANCE <= start["kl_to_target"],
+    }
+
+
+def plot_toy_betas(summaries: list[dict[str, Any]], path: Path) -> Path | None:
+    """The three-β toy on one figure: KL(πθ‖π*) per update against the tolerance line, and the
+    exact reward against KL(πθ‖π0) from π0 to the last version, with π* marked; None without
+    matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for n, s in enumerate(summaries):
+        color, rows, start, verdict = f"C{n}", s["iterations"], s["start"], s["toy"]
+        kls = [start["kl_to_target"]] + [r["kl_to_target"] for r in rows]
+        left.semilogy(range(len(kls)), kls, "o-", ms=3, color=color, label=f"β {s['beta']:g}")
+        left.axhline(start["kl_to_target"] / verdict["tolerance"], color=color, ls=":", lw=1)
+        path_kl = [0.0] + [r["kl_to_reference"] for r in rows]
+        path_r = [start["exact_mean_reward"]] + [r["exact_mean_reward"] for r in rows]
+        right.plot(path_kl, path_r, "o-", ms=3, color=color, label=f"β {s['beta']:g}: πθ")
+        t = verdict["target"]
+        right.plot([t["kl_to_reference"]], [t["mean_reward"]], "*", ms=14, color=color,
+                   markeredgecolor="k", label=f"β {s['beta']:g}: π*")  # fmt: skip
+    left.set_xlabel("updates (each: sample, Ray Train, export, gate, hot-swap)")
+    left.set_ylabel("exact KL(πθ‖π*) (nats)")
+    left.set_title("distance to the posterior (dotted: KL(π0‖π*)/5)")
+    right.set_xlabel("exact KL(πθ‖π0) (nats)")
+    right.set_ylabel("exact E_πθ[r]")
+    right.set_title("reward against KL, π0 → last version")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def write_toy_json(path: Path, loop: RLLoop, spec: ToySpec) -> None:
     path.write_text(json.dumps(loop.toy_json(spec), indent=2) + "\n")
 
 
-__all__ = ["RL_MAX_PPL_INCREASE", "format_record", "run_live", "start_serving", "stop_serving"]
+__all__ = [
+    "RL_MAX_PPL_INCREASE",
+    "TOY_TOLERANCE",
+    "format_record",
+    "plot_toy_betas",
+    "run_live",
+    "start_serving",
+    "stop_serving",
+    "toy_verdict",
+]

@@ -161,3 +161,5 @@ def test_toy_run_reaches_the_tolerance_and_survives_a_worker_kill(ray_cluster, t
     final = target.measure_model(load(record["versions"][-1]["path"]).eval()).kl_to_target
     assert final == pytest.approx(rows[-1]["kl_to_target"], rel=1e-4)
     assert final <= start / 5, (start, final)
+    verdict = summary["toy"]
+    assert verdict["within_tolerance"] and verdict["ratio"] == pytest.approx(start / final, 1e-4)
