@@ -12,9 +12,10 @@ the orchestrator gates and hot-swaps every new policy).
 rendered with the policy's chat template and the assistant's generation prompt; see
 ``kilnlm.rl.prompts``). A background client streams through the gateway for the whole run and
 its counts go into the summary (``--no-clients`` turns it off). ``--defaults`` runs post-training
-I's SFT export as π0 with its reward model on held-out prompts of the embedded instruction set,
-for the three ``DEFAULT_BETAS`` (``kilnlm.rl.defaults``), and draws the trade-off of the three in
-``DIR/reward-kl.png``. ``--toy`` trains the toy's π0
+I's SFT export as π0 on held-out prompts of the embedded instruction set with a reward model
+trained on the SFT policy's own replies (built in ``--from-dir`` when missing), for three β
+chosen from that model's spread (``kilnlm.rl.defaults``), and draws the trade-off of the three
+in ``DIR/reward-kl.png``. ``--toy`` trains the toy's π0
 (``kilnlm.rl.toy_policy``), exports it to ``DIR/pi0`` and runs the same loop with sampling
 restricted to its alphabet and ``<|eos|>``, reporting the exact KL(πθ‖π*) and TV after every
 iteration; with ``--beta`` it runs that β and writes ``DIR/toy.json``, without it the three
@@ -161,16 +162,27 @@ def run_defaults(args: argparse.Namespace) -> list[dict[str, Any]]:
         raise ValueError("--defaults picks --policy, --reward and --prompts itself; drop them")
     size = defaults.DefaultsSize()
     fill_sizes(args, {k: v for k, v in asdict(size).items() if k != "prompts"})
-    policy, reward = defaults.find_exports(args.from_dir)
+    policy, embedded_reward = defaults.find_exports(args.from_dir)
+    reward, onpolicy = defaults.ensure_onpolicy_reward(
+        args.from_dir, policy, embedded_reward, _say(args)
+    )
     prompts = defaults.heldout_prompts(args.prompt_count or size.prompts)
     out = Path(args.out).absolute()
+
+    def quality(export: str) -> dict[str, Any]:
+        return defaults.policy_quality(export, reward, prompts, args.samples, args.max_tokens)
+
+    pi0 = quality(policy)
     summaries = []
-    for beta in [args.beta] if args.beta else defaults.DEFAULT_BETAS:
+    for beta in [args.beta] if args.beta else onpolicy["betas"]:
         _say(args)(f"kiln rl --defaults: β {beta:g}, π0 {policy}, reward {reward}")
         run_out = str(out / f"beta-{beta:g}")
-        summaries.append(run_checked(args, policy, reward, prompts, beta, run_out))
+        summary = run_checked(args, policy, reward, prompts, beta, run_out)
+        summary["quality"] = {"before": pi0, "after": quality(defaults.final_export(run_out))}
+        summaries.append(summary)
     png = defaults.plot_tradeoff(summaries, out / "reward-kl.png")
     table = {
+        "reward_model": onpolicy,
         "tradeoff": defaults.tradeoff_rows(summaries),
         "png": None if png is None else str(png),
     }
@@ -178,7 +190,8 @@ def run_defaults(args: argparse.Namespace) -> list[dict[str, Any]]:
     for row in table["tradeoff"]:
         _say(args)(
             f"β {row['beta']:g}: reward {row['reward_before']:.3f} -> {row['reward_after']:.3f}, "
-            f"KL(πθ‖π0)~ {row['kl_before']:.3f} -> {row['kl_after']:.3f}"
+            f"KL(πθ‖π0)~ {row['kl_before']:.3f} -> {row['kl_after']:.3f}, "
+            f"ROUGE-L {row['rouge_l_before']:.3f} -> {row['rouge_l_after']:.3f}"
         )
     return [{**table, "runs": summaries}]
 
