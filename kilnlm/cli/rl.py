@@ -224,6 +224,10 @@ def run_toy(args: argparse.Namespace) -> list[dict[str, Any]]:
         summaries.append(
             run_live(cfg, str(heldout), posterior, say=_say(args), clients=args.clients)
         )
+    if not args.beta:
+        from kilnlm.cluster.rl_run import plot_toy_betas
+
+        plot_toy_betas(summaries, out / "toy-betas.png")
     return summaries
 
 
