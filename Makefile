@@ -35,10 +35,11 @@ posttrain: $(STAMP)
 	$(BIN)/kiln reward train --from $(POST)/sft --out $(POST)/reward --storage-path $(POST) --no-progress
 	$(BIN)/kiln dpo --from $(POST)/sft --out $(POST)/dpo --storage-path $(POST) --no-progress
 
-# Online RL on post-training I's results: the SFT export as pi0 (and KL reference), the reward
-# model as the reward, held-out prompts of the embedded instruction set, three beta
-# (kiln rl --defaults; figures in docs/post-training.md). Runs `make posttrain` first if its
-# exports are missing.
+# Online RL on post-training I's results: the SFT export as pi0 (and KL reference), held-out
+# prompts of the embedded instruction set, three beta (kiln rl --defaults; figures in
+# docs/post-training.md). The reward is a reward model trained on the SFT policy's own replies
+# ranked by ROUGE-L to the reference ($(POST)/reward-onpolicy, built by kiln rl --defaults when
+# missing, a few minutes). Runs `make posttrain` first if its exports are missing.
 rl: $(STAMP) | $(POST)/reward/manifest.json
 	rm -rf $(POST)/rl
 	$(BIN)/kiln rl --defaults --from-dir $(POST) --out $(POST)/rl
