@@ -22,7 +22,7 @@ from kilnlm.posttrain.onpolicy import (
     sample_replies,
     write_pairs,
 )
-from kilnlm.rl.defaults import betas_for, heldout_prompts
+from kilnlm.rl.defaults import betas_for, final_export, heldout_prompts, references, tradeoff_rows
 
 
 def rouge_independent(candidate: str, reference: str) -> float:
@@ -121,3 +121,23 @@ def test_betas_scale_with_the_reward_spread():
     assert betas_for(0.007) == (0.0028, 0.0098, 0.028)
     with pytest.raises(ValueError, match="sd"):
         betas_for(0.0)
+
+
+def test_rl_prompts_are_scored_against_their_own_references(tmp_path):
+    prompts = heldout_prompts(4)
+    refs = references(prompts)
+    answers = {r.user: r.answer for r in reference_prompts("heldout")}
+    assert refs == [answers[p.messages[-1]["content"]] for p in prompts]
+    for step in (2, 10, 8):  # the last export by step, not by the order they were listed in
+        (tmp_path / "train" / "rl-x" / "exports" / f"step-{step:08d}-ab").mkdir(parents=True)
+    assert final_export(tmp_path).endswith("step-00000010-ab")
+    with pytest.raises(FileNotFoundError, match="no export"):
+        final_export(tmp_path / "none")
+    q0 = {"rouge_l": 0.1, "greedy_rouge_l": 0.2, "mean_reward": 0.3}
+    q1 = {"rouge_l": 0.4, "greedy_rouge_l": 0.5, "mean_reward": 0.6}
+    row = tradeoff_rows([{"beta": 1.0, "quality": {"before": q0, "after": q1}}])[0]
+    assert (row["rouge_l_before"], row["rouge_l_after"], row["sampled_reward_after"]) == (
+        0.1,
+        0.4,
+        0.6,
+    )
