@@ -84,3 +84,41 @@ def test_a_folder_that_is_not_a_reward_model_is_refused(tmp_path):
     with pytest.raises(ValueError, match="neither a folder"):
         reward_kind("no_such_thing")
     assert reward_kind("kilnlm.rl.reward:toy_reward") == "function"
+
+
+@pytest.mark.ray
+def test_a_reward_module_of_the_current_directory_travels_with_the_task(
+    ray_cluster, tmp_path, monkeypatch
+):
+    """``kiln rl --reward mod:fn`` run from the folder holding mod.py (or a package): the task
+    imports the copy that travelled with it (written on the task's node), so a node without
+    this machine's folders runs the same code; a module installed in the environment does not
+    travel. Each reward reports whether its module was the travelled copy."""
+    from kilnlm.cluster.rl_reward import reward_module_path, reward_sources, score_rewards
+
+    body = (
+        "def reward(prompt, completion):\n"
+        "    return len(completion) + (0.5 if 'kiln-reward-src-' in __file__ else 0.0)\n"
+    )
+    (tmp_path / "kiln_test_reward_mod.py").write_text(body, encoding="utf-8")
+    package = tmp_path / "kiln_test_reward_pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("", encoding="utf-8")
+    (package / "sub" / "__init__.py").write_text("", encoding="utf-8")
+    (package / "sub" / "rules.py").write_text(body, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+
+    assert reward_module_path("kiln_test_reward_mod:reward") == tmp_path / "kiln_test_reward_mod.py"
+    assert reward_module_path("kiln_test_reward_pkg.sub.rules:reward") == package
+    assert reward_module_path("kilnlm.rl.reward:toy_reward") is None  # installed everywhere
+    assert reward_module_path(str(tmp_path)) is None  # a reward-model folder
+    assert set(reward_sources("kiln_test_reward_pkg.sub.rules:reward") or {}) == {
+        "kiln_test_reward_pkg/__init__.py",
+        "kiln_test_reward_pkg/sub/__init__.py",
+        "kiln_test_reward_pkg/sub/rules.py",
+    }
+
+    prompts = [RLPrompt(text="p")] * 2
+    for spec in ("kiln_test_reward_mod:reward", "kiln_test_reward_pkg.sub.rules:reward"):
+        rewards = score_rewards(spec, prompts, ["p", "p"], ["ab", "abcd"])
+        assert rewards == [2.5, 4.5], spec  # the travelled copy, not this folder's file

@@ -42,12 +42,13 @@ def toy_reward(prompt: str, completion: str) -> float:
     return float(completion.count("a")) + (1.0 if completion.endswith("b") else 0.0)
 
 
-def load_reward(path: str) -> RewardFn:
-    """The callable at ``package.module:function`` (module from the current directory or sys.path)."""
+def load_reward(path: str, search: Sequence[str] | None = None) -> RewardFn:
+    """The callable at ``package.module:function``, its top-level module looked for in
+    ``search`` (default: the current directory, then sys.path)."""
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"reward must look like package.module:function, got {path!r}")
-    module = _import(module_name)
+    module = _import(module_name, search)
     obj: object = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -60,11 +61,13 @@ def load_reward(path: str) -> RewardFn:
     return obj  # type: ignore[return-value]
 
 
-def _import(module_name: str) -> ModuleType:
-    """Import ``module_name``, looking for its top-level package in the current directory first."""
+def _import(module_name: str, search: Sequence[str] | None = None) -> ModuleType:
+    """Import ``module_name``, looking for its top-level package in ``search`` (default: the
+    current directory first, then sys.path)."""
     top = module_name.split(".")[0]
     if top not in sys.modules:
-        spec = importlib.machinery.PathFinder.find_spec(top, [os.getcwd(), *sys.path])
+        where = list(search) if search is not None else [os.getcwd(), *sys.path]
+        spec = importlib.machinery.PathFinder.find_spec(top, where)
         if spec is None or spec.loader is None:
             raise ValueError(
                 f"no module {top!r} in the current directory or on PYTHONPATH; "
