@@ -206,9 +206,9 @@ def local_dir(uri: str | os.PathLike[str], cache: str | os.PathLike[str] | None 
 
 DOWNLOAD_CHUNK = 16 << 20
 """Bytes per ranged GET when an export is downloaded. pyarrow's default (1 MiB) makes 500
-requests for a 500 MB safetensors file; each costs a round trip on S3/GCS, and an S3 server
-that copies the whole object per request (moto's, which the tests and bench use) turns that into
-quadratic work (base-100m: 243 s cold). 16 MiB keeps the buffer per thread small."""
+requests for a 500 MB safetensors file; each costs a round trip on S3/GCS, and on the S3 server
+the tests and bench use (moto) a 100M export's cold restore took 138 s against 10.6 s with 16
+MiB (docs/benchmarks.md). 16 MiB keeps the buffer per thread small."""
 
 
 def fetch(uri: str, cache: str | os.PathLike[str] | None = None) -> Fetched:
