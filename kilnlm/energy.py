@@ -75,8 +75,11 @@ class EnergyReport:
         return asdict(self)
 
     def format(self) -> str:
-        what = f"{self.kwh * 1000:.3f} Wh, {self.co2_g:.2f} g CO2 ({self.source}"
-        what += ", an estimate)" if self.estimated else ")"
+        if self.source == "estimate":
+            how = "estimated from CPU time"
+        else:  # measured counters, perhaps with an estimated part ("rapl+estimate")
+            how = self.source.replace("+estimate", " + an estimate")
+        what = f"{self.kwh * 1000:.3f} Wh, {self.co2_g:.2f} g CO2 ({how})"
         if self.kwh_per_1k_tokens is not None:
             what += f"; {self.kwh_per_1k_tokens * 1000:.4f} Wh per 1,000 generated tokens"
         return what
