@@ -82,7 +82,11 @@ def test_trainers_resume_from_a_checkpoint_on_the_replacement_node(run) -> None:
     assert drills["trainers_after"] == ["trainer-2", "trainer-2"]
     resumed = summary["resumed_from"]
     assert resumed > 0 and resumed % EVERY == 0, resumed
-    assert resumed <= drills["trainer_loss"]["at_step"]
+    # Not bounded by at_step: that is the driver's last metrics row before it removes the node,
+    # and the ranks go on training until the node is gone; the restarted group resumes from the
+    # newest intact checkpoint in the run folder (cluster.checkpointing.choose_resume), which
+    # can be one written after at_step (CI saw 16 after at_step 12). It is never the last step.
+    assert resumed < STEPS, resumed
     assert summary["training_error"] is None
     # Registered in order, from the first checkpoint (the drill waits for it) through the last
     # step. Not "each step once": a node lost between an export and its checkpoint's report
