@@ -24,6 +24,7 @@ from kilnlm.actors.protocol import (
     VersionMismatchError,
     VersionUnavailableError,
 )
+from kilnlm.actors.streaming import END, is_data, reading
 from kilnlm.engine import RequestOutput, VersionError, VersionMismatch
 
 T = TypeVar("T")
@@ -56,34 +57,18 @@ async def arrived_together(stream: AsyncIterator[T]) -> AsyncIterator[list[T]]:
     Closing this iterator cancels the reader, which closes ``stream`` (the engine aborts).
     """
     arrived: asyncio.Queue[Any] = asyncio.Queue()
-    end = object()
-
-    async def read() -> None:
-        try:
-            async for item in stream:
-                arrived.put_nowait(item)
-            arrived.put_nowait(end)
-        except Exception as e:  # delivered to the consumer, in order
-            arrived.put_nowait(e)
-
-    reader = asyncio.create_task(read())
-    try:
+    async with reading(stream, arrived.put_nowait):
         while True:
             items = [await arrived.get()]
             while not arrived.empty():
                 items.append(arrived.get_nowait())
-            done = items[-1] is end or isinstance(items[-1], Exception)
-            batch = [x for x in items if x is not end and not isinstance(x, Exception)]
+            batch = [x for x in items if is_data(x)]
             if batch:
                 yield batch
             if isinstance(items[-1], Exception):
                 raise items[-1]
-            if done:
+            if items[-1] is END:
                 return
-    finally:
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader
 
 
 def to_chunk(out: RequestOutput, request_id: str) -> GenerationChunk:

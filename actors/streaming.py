@@ -46,7 +46,7 @@ class StreamShape:
             raise ValueError(f"stream max_tokens must be >= 0, got {self.max_tokens}")
 
 
-_END = object()
+END = object()
 
 
 class _Inbox:
@@ -68,7 +68,7 @@ class _Inbox:
 
     def put(self, item: Any) -> None:
         self.items.append(item)
-        urgent = not _is_data(item)
+        urgent = not is_data(item)
         if not urgent:
             self.pending_tokens += self.size(item)
             urgent = bool(self.max_tokens) and self.pending_tokens >= self.max_tokens
@@ -78,7 +78,7 @@ class _Inbox:
     def _ready(self) -> bool:
         if not self.items:
             return False
-        if self.eager or not _is_data(self.items[-1]):
+        if self.eager or not is_data(self.items[-1]):
             return True
         return bool(self.max_tokens) and self.pending_tokens >= self.max_tokens
 
@@ -96,8 +96,34 @@ class _Inbox:
         return items
 
 
-def _is_data(item: Any) -> bool:
-    return item is not _END and not isinstance(item, Exception)
+def is_data(item: Any) -> bool:
+    """An item of the stream, not the ``END`` marker or the exception that ended it."""
+    return item is not END and not isinstance(item, Exception)
+
+
+@contextlib.asynccontextmanager
+async def reading(stream: AsyncIterator[T], put: Callable[[Any], None]) -> AsyncIterator[None]:
+    """Within the block, a task puts every item of ``stream``, then ``END`` or the exception
+    that ended it (so the consumer meets it after the items before it). Leaving the block
+    cancels the task, which closes ``stream``: an engine request behind it is aborted within
+    one step. The consumers (``coalesce`` here, ``engine_protocol.arrived_together``) differ
+    only in how they hold and hand on what was put."""
+
+    async def read() -> None:
+        try:
+            async for item in stream:
+                put(item)
+            put(END)
+        except Exception as e:  # delivered to the consumer, in order
+            put(e)
+
+    reader = asyncio.create_task(read())
+    try:
+        yield
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
 
 
 async def coalesce(
@@ -113,35 +139,21 @@ async def coalesce(
     items that came before it have been yielded.
     """
     inbox = _Inbox(size, shape.max_tokens)
-
-    async def read() -> None:
-        try:
-            async for item in stream:
-                inbox.put(item)
-            inbox.put(_END)
-        except Exception as e:  # delivered to the consumer, in order
-            inbox.put(e)
-
-    reader = asyncio.create_task(read())
-    try:
+    async with reading(stream, inbox.put):
         first = True
         last_flush = time.monotonic()
         while True:
             await _flush_due(inbox, first, shape, last_flush)
             items = inbox.take()
-            batch = [x for x in items if _is_data(x)]
+            batch = [x for x in items if is_data(x)]
             if batch:
                 yield batch[0] if len(batch) == 1 else merge(batch)
                 first = False
                 last_flush = time.monotonic()
             if isinstance(items[-1], Exception):
                 raise items[-1]
-            if items[-1] is _END:
+            if items[-1] is END:
                 return
-    finally:
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader
 
 
 async def _flush_due(inbox: _Inbox, first: bool, shape: StreamShape, last_flush: float) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 
 from kilnlm.posttrain.data import read_preferences
 from kilnlm.posttrain.onpolicy import KINDS as PROMPT_KINDS
+from kilnlm.posttrain.onpolicy import OnPolicyConfig
 from kilnlm.rl.prompts import RLPrompt
 
 
@@ -39,7 +40,8 @@ class DefaultsSize:
     iterations: int = 4
     steps: int = 2
     """Optimiser steps per iteration (the second one reuses the samples under the IS weight)."""
-    max_tokens: int = 24
+    max_tokens: int = OnPolicyConfig.max_tokens
+    """The on-policy reward model's pairs were sampled at this length: one number for both."""
     lr: float = 3e-4
     """Ten times smaller than the toy's 3e-3: AdamW's steps are sign-sized whatever the reward's
     scale, and at 1e-3 the SFT policy drifted 1.3 nats of KL per update on rewards that differ
@@ -196,7 +198,7 @@ def policy_quality(
     their mean reward; and the greedy replies' ROUGE-L. Reward hacking would show as the reward
     rising while ROUGE-L does not."""
     from kilnlm.checkpoint import load, load_tokenizer
-    from kilnlm.posttrain.onpolicy import OnPolicyConfig, sample_replies
+    from kilnlm.posttrain.onpolicy import sample_replies
     from kilnlm.posttrain.sft import rouge_l
     from kilnlm.rl.reward import score_replies
 
